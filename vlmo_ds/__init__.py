@@ -1,0 +1,1 @@
+"""vlmo_ds: VLMo vision-language pre-training at scale."""
