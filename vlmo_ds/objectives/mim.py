@@ -1,0 +1,43 @@
+"""Masked image modelling (BEiT-style) for the image-only stage.
+
+Targets: "pixels" - the masked patch's pixels, normalised per patch (mean 0, variance 1), regressed with MSE, which
+needs nothing external; "tokens" - visual-token ids stored in the shards by an external image tokenizer, predicted
+with cross-entropy. Shapes: B batch, P patches, p patch side, C channels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, P, p*p*C] in the patch embedding's row-major patch order."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def normalised_pixel_targets(images: torch.Tensor, patch: int, eps: float = 1e-6) -> torch.Tensor:
+    """[B, P, p*p*C]: each patch's pixels standardised by its own mean and variance."""
+    x = patchify(images.float(), patch)
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+    return (x - mean) / (var + eps).sqrt()
+
+
+def mim_loss(predictions: torch.Tensor, patch_mask: torch.Tensor, *, images: torch.Tensor | None = None,
+             patch: int = 16, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, metric) over masked patches. predictions [B, P, K]; patch_mask [B, P] bool.
+
+    Pixels (images given): MSE to normalised pixels; metric = the same MSE (1.0 is the mean predictor's level).
+    Tokens (token_ids [B, P] given): cross-entropy; metric = accuracy.
+    """
+    predicted = predictions[patch_mask].float()
+    if token_ids is not None:
+        targets = token_ids[patch_mask]
+        loss = F.cross_entropy(predicted, targets)
+        return loss, (predicted.argmax(-1) == targets).float().mean().detach()
+    if images is None:
+        raise ValueError("mim_loss needs images (pixel targets) or token_ids (visual-token targets)")
+    targets = normalised_pixel_targets(images, patch)[patch_mask]
+    loss = F.mse_loss(predicted, targets)
+    return loss, loss.detach()
