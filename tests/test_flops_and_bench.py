@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
