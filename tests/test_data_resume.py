@@ -70,7 +70,7 @@ def resumed(shards, k: int, n: int, **kw) -> tuple[list[dict], list[dict]]:
     return take(second, n), take(make(shards, **kw), k + n)[k:]
 
 
-@pytest.mark.parametrize("num_workers,dp_size", [(0, 1), (1, 1), (2, 1), (0, 2), (2, 2)])
+@pytest.mark.parametrize("num_workers,dp_size", [(0, 1), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2)])
 def test_resume_is_exact(shards, num_workers, dp_size):
     seen = []
     for dp_rank in range(dp_size):

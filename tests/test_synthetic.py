@@ -1,0 +1,379 @@
+"""Tests of the synthetic shapes data set: determinism, shard layout, held-out captions, truth of captions, VQA
+answers and NLVR2 labels (checked against the stored scenes by code written independently here), flip invariance."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import random
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image, ImageOps
+
+from vlmo_ds.data.synthetic import SPLITS, SyntheticConfig, ensure_synthetic, write_synthetic
+from vlmo_ds.data.synthetic.captions import caption_vocabulary, phrasings, plural, with_article
+from vlmo_ds.data.synthetic.nlvr import sample_statement, sentence, statement_holds
+from vlmo_ds.data.synthetic.questions import sample_question
+from vlmo_ds.data.synthetic.render import render
+from vlmo_ds.data.synthetic.scene import (
+    COLORS,
+    Composition,
+    Part,
+    Scene,
+    SceneObject,
+    composition_holds,
+    enumerate_compositions,
+    flip_scene,
+    sample_mixed_scene,
+    sample_scene,
+)
+from vlmo_ds.data.synthetic.splits import Plan
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = SyntheticConfig(
+    pretrain_pairs=40, retrieval_train=30, retrieval_test=25, images=10, text=12, text_heldout=6,
+    vqa_train=60, vqa_val=10, nlvr2_train=40, nlvr2_dev=6, shard_size=16,
+)  # fmt: skip
+MEMBERS = {
+    "pretrain_pairs": {"jpg", "txt", "json"}, "retrieval_train": {"jpg", "txt", "json"},
+    "retrieval_test": {"jpg", "txt", "json"}, "images": {"jpg"}, "text": {"txt"}, "text_heldout": {"txt"},
+    "vqa_train": {"jpg", "json"}, "vqa_val": {"jpg", "json"},
+    "nlvr2_train": {"left.jpg", "right.jpg", "json"}, "nlvr2_dev": {"left.jpg", "right.jpg", "json"},
+}  # fmt: skip
+PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle", "stars": "star", "diamonds": "diamond",
+           "crosses": "cross"}  # fmt: skip
+WORD_NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
+
+
+def read_split(root: Path, split: str) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted((root / split).glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(root, SMALL)
+    return root
+
+
+def random_scenes(n: int, seed: int = 0) -> list[Scene]:
+    rng, comps = random.Random(seed), enumerate_compositions()
+    return [sample_scene(rng.choice(comps), rng) if i % 2 else sample_mixed_scene(rng) for i in range(n)]
+
+
+# ---------------------------------------------------------------- determinism and layout
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(small_set: Path, tmp_path: Path) -> None:
+    write_synthetic(tmp_path / "again", SMALL)
+    assert all_files(tmp_path / "again") == all_files(small_set)
+    other = SyntheticConfig(**{**SMALL.to_json(), "seed": 1})
+    write_synthetic(tmp_path / "seed1", other)
+    first, second = all_files(small_set), all_files(tmp_path / "seed1")
+    assert first.keys() - {"manifest.json"} == second.keys() - {"manifest.json"}
+    assert all(first[k] != second[k] for k in first if k.endswith(".tar"))
+
+
+def test_two_workers_write_the_same_bytes(small_set: Path, tmp_path: Path) -> None:
+    write_synthetic(tmp_path, SMALL, workers=2)
+    assert all_files(tmp_path) == all_files(small_set)
+
+
+def test_layout_members_sizes_and_manifest(small_set: Path) -> None:
+    manifest = json.loads((small_set / "manifest.json").read_text())
+    assert manifest["version"] == 1 and manifest["seed"] == 0 and manifest["image_size"] == 64
+    assert manifest["counts"] == SMALL.sizes and manifest["compositions"]["total"] == 3960
+    for split in SPLITS:
+        n = SMALL.sizes[split]
+        sizes = json.loads((small_set / split / "sizes.json").read_text())
+        expected = {f"shard-{i:06d}.tar": min(16, n - 16 * i) for i in range((n + 15) // 16)}
+        assert sizes == expected and manifest["shards"][split] == len(expected)
+        samples = read_split(small_set, split)
+        assert sorted(samples) == [f"{i:08d}" for i in range(n)]
+        assert all(set(members) == MEMBERS[split] for members in samples.values())
+        for members in samples.values():
+            for ext in (e for e in members if e.endswith("jpg")):
+                image = Image.open(io.BytesIO(members[ext]))
+                assert image.format == "JPEG" and image.mode == "RGB" and image.size == (64, 64)
+
+
+def test_json_fields(small_set: Path) -> None:
+    for members in read_split(small_set, "pretrain_pairs").values():
+        meta = json.loads(members["json"])
+        assert meta["caption"] == members["txt"].decode() and Scene.from_json(meta["scene"]).objects
+    for split in ("retrieval_train", "retrieval_test"):
+        for key, members in read_split(small_set, split).items():
+            meta = json.loads(members["json"])
+            assert meta["image_id"] == int(key) and len(set(meta["captions"])) == 5
+            assert members["txt"].decode() == meta["captions"][0]
+    for key, members in read_split(small_set, "vqa_train").items():
+        meta = json.loads(members["json"])
+        assert meta["question_id"] == meta["image_id"] == int(key) and meta["question"].endswith("?")
+        assert len(meta["answers"]) == 10 and meta["answer_type"] in ("yes/no", "number", "other")
+    for key, members in read_split(small_set, "nlvr2_dev").items():
+        meta = json.loads(members["json"])
+        assert meta["identifier"] == f"dev-{int(key)}" and isinstance(meta["label"], bool)
+    for members in read_split(small_set, "text").values():
+        sentences = members["txt"].decode().split(". ")
+        assert 3 <= len(sentences) <= 6 and members["txt"].endswith(b".")
+
+
+def test_webdataset_groups_members_by_key(small_set: Path) -> None:
+    urls = [str(p) for p in sorted((small_set / "nlvr2_train").glob("*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert len(samples) == 40 and {"left.jpg", "right.jpg", "json"} <= set(samples[0])
+
+
+def test_rewrite_removes_stale_shards_and_ensure_skips(tmp_path: Path) -> None:
+    write_synthetic(tmp_path, SMALL)
+    fewer = SyntheticConfig(**{**SMALL.to_json(), "pretrain_pairs": 5})
+    manifest = ensure_synthetic(tmp_path, fewer)
+    assert sorted(p.name for p in (tmp_path / "pretrain_pairs").iterdir()) == ["shard-000000.tar", "sizes.json"]
+    assert manifest["counts"]["pretrain_pairs"] == 5
+    stamp = (tmp_path / "images" / "shard-000000.tar").stat().st_mtime_ns
+    assert ensure_synthetic(tmp_path, fewer) == manifest
+    assert (tmp_path / "images" / "shard-000000.tar").stat().st_mtime_ns == stamp
+
+
+def test_config_errors_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="raise holdout_fraction"):
+        SyntheticConfig(holdout_fraction=0.1)  # holds out 397 < 1000 test images
+    with pytest.raises(ValueError, match="images=-1"):
+        SyntheticConfig(images=-1)
+    with pytest.raises(ValueError, match="captions_per_image"):
+        SyntheticConfig(captions_per_image=9)
+    assert SyntheticConfig().scaled(0.01).sizes["retrieval_test"] == 10
+
+
+# ---------------------------------------------------------------- captions and held-out compositions
+
+
+def test_composition_counts_and_vocabulary() -> None:
+    comps = enumerate_compositions()
+    families = [c.family for c in comps]
+    assert [families.count(f) for f in ("single", "count", "relation", "pair")] == [288, 288, 2256, 1128]
+    assert len({c.key for c in comps}) == 3960
+    assert len(caption_vocabulary()) == 56
+    assert plural("cross") == "crosses" and plural("star") == "stars"
+    assert with_article("orange star") == "an orange star" and with_article("large red circle") == "a large red circle"
+
+
+def test_every_caption_names_one_composition_and_never_left_or_right() -> None:
+    owner: dict[str, str] = {}
+    for comp in enumerate_compositions():
+        captions = phrasings(comp)
+        assert len(captions) >= 8
+        for caption in captions:
+            assert owner.setdefault(caption, comp.key) == comp.key
+            assert not {"left", "right"} & set(caption.split())
+    relation = Composition("relation", (Part("circle", "red"), Part("square", "blue")))
+    assert "a red circle above a blue square" in phrasings(relation)
+    assert "a blue square below a red circle" in phrasings(relation)
+
+
+def test_held_out_captions_are_distinct_and_unseen_in_training(small_set: Path) -> None:
+    test_split = read_split(small_set, "retrieval_test").values()
+    test_captions = [c for m in test_split for c in json.loads(m["json"])["captions"]]
+    assert len(test_captions) == 25 * 5 == len(set(test_captions))
+    seen = {m["txt"].decode() for m in read_split(small_set, "pretrain_pairs").values()}
+    seen |= {c for m in read_split(small_set, "retrieval_train").values() for c in json.loads(m["json"])["captions"]}
+    seen |= {s for m in read_split(small_set, "text").values() for s in m["txt"].decode()[:-1].split(". ")}
+    assert not seen & set(test_captions)
+    plan = Plan.build(SMALL)  # the same holds for all phrasings of all compositions, not only the ones drawn
+    train = {p for f in plan.train for c in plan.train[f] for p in phrasings(c)}
+    held_out = {p for f in plan.held_out for c in plan.held_out[f] for p in phrasings(c)}
+    assert not train & held_out and seen <= train
+    docs = [m["txt"].decode()[:-1].split(". ") for m in read_split(small_set, "text_heldout").values()]
+    assert all(s in held_out for doc in docs for s in doc)
+
+
+def test_captions_and_stored_scenes_agree(small_set: Path) -> None:
+    by_key = {c.key: c for c in enumerate_compositions()}
+    for split in ("pretrain_pairs", "retrieval_test"):
+        for members in read_split(small_set, split).values():
+            meta = json.loads(members["json"])
+            scene = Scene.from_json(meta["scene"])
+            comp = by_key[scene.composition]
+            assert composition_holds(comp, scene.objects)
+            assert set(meta.get("captions", [meta.get("caption")])) <= set(phrasings(comp))
+
+
+def test_composition_holds_hand_cases() -> None:
+    def obj(shape: str, color: str, size: str, x: float, y: float) -> SceneObject:
+        return SceneObject(shape, color, size, x, y, 0.1, COLORS[color])
+
+    red_top, blue_low = obj("circle", "red", "large", 0.3, 0.25), obj("square", "blue", "small", 0.7, 0.75)
+    above = Composition("relation", (Part("circle", "red"), Part("square", "blue")))
+    below = Composition("relation", (Part("square", "blue"), Part("circle", "red")))
+    assert composition_holds(above, (blue_low, red_top)) and not composition_holds(below, (red_top, blue_low))
+    single = Composition("single", (Part("circle", "red", "large"),), where="top")
+    assert composition_holds(single, (red_top,)) and not composition_holds(single, (red_top, blue_low))
+    assert not composition_holds(Composition("single", (Part("circle", "red", "small"),), where="top"), (red_top,))
+    pair = Composition("pair", (Part("circle", "red"), Part("square", "blue")))
+    side = obj("square", "blue", "small", 0.75, 0.3)
+    assert composition_holds(pair, (red_top, side)) and not composition_holds(pair, (red_top, blue_low))
+
+
+def test_flip_keeps_captions_true_and_mirrors_pixels() -> None:
+    rng, comps = random.Random(3), enumerate_compositions()
+    for comp in rng.sample(comps, 400):
+        scene = sample_scene(comp, rng)
+        flipped = flip_scene(scene)
+        assert composition_holds(comp, scene.objects) and composition_holds(comp, flipped.objects)
+        assert all(0.069 <= o.x - o.r and o.x + o.r <= 0.931 and 0.069 <= o.y - o.r <= o.y + o.r <= 0.931
+                   for o in scene.objects)  # fmt: skip
+    for scene in random_scenes(20, seed=4):
+        plain = Scene(scene.objects, {**scene.background, "texture": "plain"})
+        mirrored = np.asarray(ImageOps.mirror(render(plain, 64)), dtype=float)
+        assert np.abs(np.asarray(render(flip_scene(plain), 64), dtype=float) - mirrored).mean() < 1.5
+
+
+def test_rendered_objects_have_their_colours() -> None:
+    rng = random.Random(5)
+    for comp in rng.sample([c for c in enumerate_compositions() if c.family == "single"], 40):
+        scene = sample_scene(comp, rng)
+        (o,) = scene.objects
+        image = Image.open(io.BytesIO(_jpeg(scene))).convert("RGB")
+        pixel = np.asarray(image, dtype=float)[round(o.y * 64 - 0.5), round(o.x * 64 - 0.5)]
+        assert np.abs(pixel - np.array(o.rgb)).max() < 40, (comp.key, pixel, o.rgb)
+
+
+def _jpeg(scene: Scene) -> bytes:
+    buffer = io.BytesIO()
+    render(scene, 64).save(buffer, format="JPEG", quality=90, subsampling=0)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- VQA and NLVR2, checked independently
+
+
+def vqa_truth(question: str, objects: tuple[SceneObject, ...]) -> str:
+    """The answer, worked out from the question text and the scene without the generator's code."""
+    count = lambda pred: str(sum(map(pred, objects)))  # noqa: E731
+    yes = lambda pred: "yes" if any(map(pred, objects)) else "no"  # noqa: E731
+    if question == "how many shapes are there?":
+        return str(len(objects))
+    if m := re.fullmatch(r"how many (\w+) shapes are there\?", question):
+        return count(lambda o: o.color == m[1])
+    if m := re.fullmatch(r"how many (\w+) (\w+) are there\?", question):
+        return count(lambda o: o.color == m[1] and o.shape == PLURALS[m[2]])
+    if m := re.fullmatch(r"how many (\w+) are there\?", question):
+        return count(lambda o: o.shape == PLURALS[m[1]])
+    if m := re.fullmatch(r"is there an? (\w+) shape\?", question):
+        return yes(lambda o: o.color == m[1])
+    if m := re.fullmatch(r"is there an? (\w+) (\w+)\?", question):
+        return yes(lambda o: o.color == m[1] and o.shape == m[2])
+    if m := re.fullmatch(r"is there an? (\w+)\?", question):
+        return yes(lambda o: o.shape == m[1])
+    top, bottom = min(objects, key=lambda o: o.y), max(objects, key=lambda o: o.y)
+    answers = {"what shape is at the top?": top.shape, "what color is the top shape?": top.color,
+               "what shape is at the bottom?": bottom.shape}  # fmt: skip
+    if question in answers:
+        return answers[question]
+    for pattern, pick in [
+        (r"what color is the (\w+)\?", lambda o, m: o.shape == m[1] and o.color),
+        (r"what shape is the (\w+) object\?", lambda o, m: o.color == m[1] and o.shape),
+        (r"what size is the (\w+) (\w+)\?", lambda o, m: o.color == m[1] and o.shape == m[2] and o.size),
+    ]:
+        if m := re.fullmatch(pattern, question):
+            (answer,) = [a for o in objects if (a := pick(o, m))]  # the question is only asked when unique
+            return answer
+    raise AssertionError(f"unexpected question {question!r}")
+
+
+def test_vqa_answers_agree_with_scene_in_the_majority(small_set: Path) -> None:
+    stored = [json.loads(m["json"]) for m in read_split(small_set, "vqa_train").values()]
+    rng = random.Random(6)
+    drawn = [{**sample_question(s, rng), "scene": s.to_json()} for s in random_scenes(600, seed=7)]
+    types = []
+    for meta in stored + drawn:
+        objects = Scene.from_json(meta["scene"]).objects
+        truth = vqa_truth(meta["question"], objects)
+        assert meta["multiple_choice_answer"] == truth and meta["answers"].count(truth) >= 6
+        assert not {"left", "right"} & set(meta["question"][:-1].split())
+        types.append(meta["answer_type"])
+    yes_no = [m["multiple_choice_answer"] for m in drawn if m["answer_type"] == "yes/no"]
+    assert 0.4 < yes_no.count("yes") / len(yes_no) < 0.6
+    assert all(types.count(t) > 0.25 * len(types) for t in ("yes/no", "number", "other"))
+    assert any(m["answers"].count(m["multiple_choice_answer"]) < 10 for m in drawn)  # annotators disagree at times
+
+
+def nlvr_truth(text: str, left: tuple[SceneObject, ...], right: tuple[SceneObject, ...]) -> bool | None:
+    """The label of the main statement forms, from the text alone; None for forms not checked here."""
+    images = {"left": left, "right": right}
+    shapes = lambda objs, s: sum(o.shape == s for o in objs)  # noqa: E731
+    if m := re.fullmatch(r"the (\w+) image contains more (\w+) than the \w+ image", text):
+        other = images["right" if m[1] == "left" else "left"]
+        return shapes(images[m[1]], PLURALS[m[2]]) > shapes(other, PLURALS[m[2]])
+    if m := re.fullmatch(r"both images contain an? (\w+) shape", text):
+        return all(any(o.color == m[1] for o in objs) for objs in (left, right))
+    if m := re.fullmatch(r"neither image contains an? (\w+)", text):
+        return not any(o.shape == m[1] for o in left + right)
+    if m := re.fullmatch(r"the (\w+) image contains exactly (\w+) (\w+)", text):
+        return shapes(images[m[1]], PLURALS.get(m[3], m[3])) == WORD_NUMBERS[m[2]]
+    if m := re.fullmatch(r"there (?:is|are) exactly (\w+) (\w+) in the two images", text):
+        return shapes(left + right, PLURALS.get(m[2], m[2])) == WORD_NUMBERS[m[1]]
+    return None
+
+
+def test_nlvr2_labels_agree_with_the_two_scenes(small_set: Path) -> None:
+    stored = [json.loads(m["json"]) for m in read_split(small_set, "nlvr2_train").values()]
+    rng, scenes = random.Random(8), random_scenes(800, seed=9)
+    drawn = [sample_statement(a.objects, b.objects, rng) | {"scenes": {"left": a.to_json(), "right": b.to_json()}}
+             for a, b in zip(scenes[::2], scenes[1::2])]  # fmt: skip
+    checked = 0
+    for meta in stored + drawn:
+        left, right = (Scene.from_json(meta["scenes"][side]).objects for side in ("left", "right"))
+        assert statement_holds(meta["statement"], left, right) == meta["label"]
+        assert sentence(meta["statement"]) == meta["sentence"]
+        flipped = (flip_scene(Scene(objects)).objects for objects in (left, right))
+        assert statement_holds(meta["statement"], *flipped) == meta["label"]
+        independent = nlvr_truth(meta["sentence"], left, right)
+        if independent is not None:
+            assert independent == meta["label"], meta["sentence"]
+            checked += 1
+    assert checked > 150
+    assert 0.4 < sum(m["label"] for m in drawn) / len(drawn) < 0.6
+
+
+def test_nlvr2_sentences_hand_cases() -> None:
+    spec = {"kind": "more", "side": "left", "shape": "cross"}
+    assert sentence(spec) == "the left image contains more crosses than the right image"
+    assert sentence({"kind": "total", "shape": "star", "n": 1}) == "there is exactly one star in the two images"
+    assert sentence({"kind": "both", "color": "orange"}) == "both images contain an orange shape"
+    cross = SceneObject("cross", "red", "small", 0.5, 0.5, 0.08, (220, 40, 40))
+    assert statement_holds(spec, (cross, cross), (cross,)) and not statement_holds(spec, (cross,), (cross,))
+
+
+# ---------------------------------------------------------------- the command line tool
+
+
+def test_tool_help_and_function(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--help"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    assert "--out" in result.stdout and "--seed" in result.stdout and "nlvr2_train/" in result.stdout
+    spec = importlib.util.spec_from_file_location("make_synthetic", REPO / "tools" / "make_synthetic.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--out", str(tmp_path), "--scale", "0.001", "--quiet", "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["counts"]["pretrain_pairs"] == 20 and manifest["counts"]["retrieval_test"] == 1
+    assert tool.main(["--out", str(tmp_path), "--holdout-fraction", "0.1", "--quiet"]) == 2
