@@ -17,8 +17,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from vlmo_ds.data.tokenizer import Tokenizer
 
-class WordTokenizer:
+
+class WordTokenizer(Tokenizer):
     """Each whitespace word is one token (two if longer than 6 characters, the second not a word start); the id
     is fixed by the word's CRC, so tests can compute expected ids by hand with ``word_id``."""
 
@@ -28,14 +30,16 @@ class WordTokenizer:
     def word_id(self, piece: str) -> int:
         return self.first_word_id + zlib.crc32(piece.encode()) % (self.vocab_size - self.first_word_id)
 
-    def encode(self, text: str, max_len: int) -> tuple[list[int], list[bool]]:
+    def _pieces(self, text: str) -> tuple[list[int], list[bool]]:
         ids, starts = [], []
         for word in text.split():
             pieces = [word] if len(word) <= 6 else [word[:6], word[6:]]
             ids += [self.word_id(p) for p in pieces]
             starts += [True] + [False] * (len(pieces) - 1)
-        keep = max_len - 2
-        return [self.cls_id, *ids[:keep], self.sep_id], [True, *starts[:keep], True]
+        return ids, starts
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError("ids are CRC hashes: the test tokenizer cannot decode")
 
 
 def image_bytes(pixels: np.ndarray | Image.Image, fmt: str = "PNG", **save_args: Any) -> bytes:

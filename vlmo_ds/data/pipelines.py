@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,22 +26,9 @@ from vlmo_ds.data.decode import (DEFAULT_MAX_PIXELS, SampleSkipped, decode_image
                                  decode_vtok, image_member)
 from vlmo_ds.data.loader import StreamLoader
 from vlmo_ds.data.shards import ShardList, ShardSource
+from vlmo_ds.data.tokenizer import Tokenizer
 
 ImageTransform = Callable[[Image.Image, np.random.Generator], torch.Tensor]
-
-
-class TokenizerLike(Protocol):
-    """What the pipelines need from a tokenizer (vlmo_ds.data.tokenizer.Tokenizer has it)."""
-
-    vocab_size: int
-    pad_id: int
-    cls_id: int
-    sep_id: int
-    mask_id: int
-    unk_id: int
-
-    def encode(self, text: str, max_len: int) -> tuple[list[int], list[bool]]:
-        """``[CLS] ... [SEP]`` ids truncated to max_len, unpadded, and word-start flags."""
 
 
 def _transform(transform: ImageTransform, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
@@ -66,7 +53,7 @@ def _pad_text(items: list[dict[str, Any]], text_len: int, pad_id: int) -> dict[s
     return {"text_ids": text_ids, "text_mask": text_mask, "word_start": word_start}
 
 
-def _encode(tokenizer: TokenizerLike, text: str, max_len: int) -> tuple[list[int], list[bool]]:
+def _encode(tokenizer: Tokenizer, text: str, max_len: int) -> tuple[list[int], list[bool]]:
     ids, starts = tokenizer.encode(text, max_len)
     assert len(ids) == len(starts) <= max_len, "tokenizer.encode broke its contract"
     return list(ids), list(starts)
@@ -76,7 +63,7 @@ def _encode(tokenizer: TokenizerLike, text: str, max_len: int) -> tuple[list[int
 class ImageTextPipeline:
     """Image-caption pairs; the caption is tokenized to at most ``text_len`` tokens."""
 
-    tokenizer: TokenizerLike
+    tokenizer: Tokenizer
     image_transform: ImageTransform
     text_len: int
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -128,7 +115,7 @@ class ImagePipeline:
 class TextPipeline:
     """Documents cut into consecutive pieces of text_len - 2 tokens, each framed as [CLS] piece [SEP]."""
 
-    tokenizer: TokenizerLike
+    tokenizer: Tokenizer
     text_len: int
 
     def __post_init__(self) -> None:
@@ -154,7 +141,7 @@ class TextPipeline:
         return {**_pad_text(items, self.text_len, self.tokenizer.pad_id), "key": [it["key"] for it in items]}
 
 
-def image_text_loader(shards: ShardSource | ShardList, tokenizer: TokenizerLike, image_transform: ImageTransform,
+def image_text_loader(shards: ShardSource | ShardList, tokenizer: Tokenizer, image_transform: ImageTransform,
                       *, batch_size: int, text_len: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                       **options: Any) -> StreamLoader:
     """A StreamLoader of image-text batches; ``options`` are StreamLoader's keywords (dp_rank, dp_size,
@@ -169,7 +156,7 @@ def image_loader(shards: ShardSource | ShardList, image_transform: ImageTransfor
     return StreamLoader(shards, ImagePipeline(image_transform, vtok_len, max_pixels), batch_size, **options)
 
 
-def text_loader(shards: ShardSource | ShardList, tokenizer: TokenizerLike, *, batch_size: int, text_len: int,
+def text_loader(shards: ShardSource | ShardList, tokenizer: Tokenizer, *, batch_size: int, text_len: int,
                 **options: Any) -> StreamLoader:
     """A StreamLoader of text-only batches: documents cut into text_len-token pieces."""
     return StreamLoader(shards, TextPipeline(tokenizer, text_len), batch_size, **options)
