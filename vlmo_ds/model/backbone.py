@@ -1,5 +1,8 @@
 """The multiway transformer (the published `transformer.*` keys): image embedding, the MoME blocks, the final norm.
 
+Its forward is the image embedding (it owns cls_token, pos_embed and mask_token, and ZeRO-3 gathers a module's own
+parameters when the module is called); the blocks and the norm are called by VLMo.
+
 Shapes: B batch, N sequence, P patches, D dim.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ class Backbone(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def embed_image(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, C, H, W] -> [B, 1+P, D]; patch_mask [B, P] bool swaps those patches for the mask token (MIM)."""
         x = self.patch_embed(images)
         if patch_mask is not None:

@@ -30,9 +30,10 @@ class TextEmbeddings(nn.Module):
 
     def forward(self, text_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] ids -> [B, T, D]."""
-        x = self.word_embeddings(text_ids) + self.token_type_embeddings.weight[0]
+        # Embeddings are called as modules, never read as .weight: ZeRO-3 gathers a module's parameters on its call.
+        x = self.word_embeddings(text_ids) + self.token_type_embeddings(torch.zeros_like(text_ids))
         if self.position_embeddings is not None:
-            x = x + self.position_embeddings.weight[: text_ids.shape[1]]
+            x = x + self.position_embeddings(torch.arange(text_ids.shape[1], device=text_ids.device))
         return self.dropout(self.LayerNorm(x))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,14 @@ class VLMo(nn.Module):
             if module is not None:
                 _init_normal(module)
 
+    def forward(self, objective: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run `objective(self, *args, **kwargs)`: a training step enters the model here, once.
+
+        The objectives call several paths (image, text, fused) per step; entering through forward lets DeepSpeed's
+        ZeRO-3 hooks see the top-level parameters (relative table, logit scales) for the whole step.
+        """
+        return objective(self, *args, **kwargs)
+
     # ---- attention biases -------------------------------------------------------------------------------------
     def layer_biases(self, index_name: str, key_mask: torch.Tensor | None, dtype: torch.dtype) -> list:
         """Per block: [B|1, H, N, N] relative position bias + padding bias (None when there is neither)."""
@@ -92,12 +101,13 @@ class VLMo(nn.Module):
     # ---- embeddings ---------------------------------------------------------------------------------------------
     def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] -> [B, T, D] with the text modality type."""
-        return self.text_embeddings(text_ids) + self.token_type_embeddings.weight[0]
+        return self.text_embeddings(text_ids) + self.token_type_embeddings(torch.zeros_like(text_ids))
 
     def embed_image(self, images: torch.Tensor, image_type: int = 1,
                     patch_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, C, H, W] -> [B, 1+P, D] with modality type `image_type` (2 for the second NLVR2 image)."""
-        return self.transformer.embed_image(images, patch_mask) + self.token_type_embeddings.weight[image_type]
+        x = self.transformer(images, patch_mask)
+        return x + self.token_type_embeddings(torch.full(x.shape[:2], image_type, device=x.device))
 
     # ---- the three paths ------------------------------------------------------------------------------------------
     def _unimodal(self, x: torch.Tensor, biases: list, mode: str, vl_path: bool) -> UnimodalOutput:
