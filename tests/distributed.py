@@ -9,11 +9,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from vlmo_ds.parallel.env_readers import free_port
+from vlmo_ds.parallel.launch import DistEnv, init_distributed
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> None:
+
+def _worker(rank: int, world: int, port: int, out_dir: str, use_deepspeed: bool, fn, args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    env = DistEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world, node_rank=0,
+                  master_addr="127.0.0.1", master_port=port, launcher="torchrun")
+    init_distributed(env, backend="gloo", use_deepspeed=use_deepspeed)
     try:
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -21,9 +27,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> No
         dist.destroy_process_group()  # avoids rare aborts at exit in spawned workers
 
 
-def run_ranks(fn, world: int, *args) -> list:
-    """fn(rank, world, *args) on `world` processes; returns their results in rank order. fn must be importable."""
+def run_ranks(fn, world: int, *args, use_deepspeed: bool = False) -> list:
+    """fn(rank, world, *args) on `world` processes; returns their results in rank order. fn must be importable.
+
+    use_deepspeed: start the process group through DeepSpeed (as the trainer does) for tests of DeepSpeed engines.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), tmp, fn, args), nprocs=world,
+        mp.start_processes(_worker, args=(world, free_port(), tmp, use_deepspeed, fn, args), nprocs=world,
                            join=True, start_method="spawn")
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -6,6 +6,7 @@ Our module tree uses the published names, so the mapping is key for key. What di
   text_embeddings.position_embeddings (never used in the forward pass). Import drops them by name; export writes
   them back (position_ids = arange, the unused position table as zeros) so the published code loads the file as is;
 - the masked-image-modelling parameters (transformer.mask_token, mim_head.*) are ours only: export leaves them out;
+- the logit scales are 0-dim there and [1] here (DeepSpeed cannot broadcast a 0-dim parameter);
 - a relative table built for another image size or text length is resized (BEiT's interpolation for images).
 Nothing is unpickled beyond tensors: safetensors, or torch.load(weights_only=True).
 """
@@ -27,6 +28,7 @@ DERIVED_KEYS = ("relative_position_index", "text_relative_position_index", "text
                 "text_embeddings.position_ids")
 UNUSED_WITH_REL_POS = ("text_embeddings.position_embeddings.weight",)
 OURS_ONLY_PREFIXES = ("transformer.mask_token", "mim_head.")
+SCALARS = ("logit_scale", "logit_vl_scale")  # published shape [], ours [1]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -79,6 +81,9 @@ def import_published(model: VLMo, state: dict[str, torch.Tensor], strict: bool =
     for key in DERIVED_KEYS + (UNUSED_WITH_REL_POS if cfg.rel_pos else ()):
         if state.pop(key, None) is not None:
             report.dropped.append(key)
+    for key in SCALARS:
+        if key in state and state[key].dim() == 0:
+            state[key] = state[key].reshape(1)
     table_key = "relative_position_bias_table"
     if cfg.rel_pos and table_key in state:
         state[table_key] = _fit_table(state[table_key], cfg, report)
@@ -114,6 +119,8 @@ def export_published(model: VLMo) -> dict[str, torch.Tensor]:
     cfg = model.cfg
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
              if not k.startswith(OURS_ONLY_PREFIXES)}
+    for key in SCALARS:
+        state[key] = state[key].reshape(())
     if cfg.rel_pos:
         state["text_embeddings.position_embeddings.weight"] = torch.zeros(cfg.max_text_len, cfg.dim)
     state["text_embeddings.position_ids"] = torch.arange(cfg.max_text_len).unsqueeze(0)

@@ -60,8 +60,10 @@ class VLMo(nn.Module):
         self.itc_image_proj = Projection(d, d, bias=False, layers=layers)
         self.itc_vl_text_proj = Projection(d, d, bias=False, layers=layers)
         self.itc_vl_image_proj = Projection(d, d, bias=False, layers=layers)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.logit_vl_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # Shape [1], not the published [] (export restores it): DeepSpeed broadcasts parameters viewed as bytes,
+        # which a 0-dim tensor cannot be.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        self.logit_vl_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.mlm_score = MLMHead(d, cfg.vocab_size, layers)
         if cfg.mim_targets:
             out = cfg.mim_vocab_size if cfg.mim_targets == "tokens" else cfg.patch_size**2 * cfg.in_chans

@@ -1,0 +1,191 @@
+"""Range and consistency checks of a typed RunConfig, run by load_config before anything heavy is built.
+
+Each check raises ConfigError with the key path to change. Files the quick start may still have to create (the
+tokenizer, shards) are not checked here but in check_files; files a user must already have (the DeepSpeed JSON,
+a checkpoint to resume from) are.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from vlmo_ds.config.errors import ConfigError, MissingFileError, did_you_mean
+from vlmo_ds.config.plan import accumulation, model_config, model_value, warmup_steps
+from vlmo_ds.config.schema import LOSS_KEYS, RESUME_WORDS, TRAINABLE_GROUPS, RunConfig, StageConfig
+from vlmo_ds.model.config import PRESETS
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")  # a letter first: overrides tell stages.0 from stages.name
+
+
+def _positive(value: float | int | None, key: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _fraction(value: float, key: str, low_open: bool = True) -> None:
+    if not (0 < value < 1 if low_open else 0 <= value < 1):
+        raise ConfigError(f"{key}: must be in {'(0, 1)' if low_open else '[0, 1)'}, got {value}")
+
+
+def _check_model(cfg: RunConfig) -> None:
+    if cfg.model.preset not in PRESETS:
+        name = cfg.model.preset
+        raise ConfigError(f"model.preset: unknown preset '{name}'{did_you_mean(name, PRESETS)}; "
+                          f"presets: {', '.join(PRESETS)}")
+    if model_value(cfg, "vocab_size") != "auto":
+        _positive(model_value(cfg, "vocab_size"), "model.vocab_size")
+    model_config(cfg, _vocab_stand_in(cfg))
+
+
+def _vocab_stand_in(cfg: RunConfig) -> int | None:
+    """A vocabulary size for vocab_size "auto" before the tokenizer exists (divisible by any valid tensor size)."""
+    return 1024 * cfg.parallel.tensor if model_value(cfg, "vocab_size") == "auto" else None
+
+
+def _offloads(zero: dict[str, Any], section: str) -> bool:
+    """Whether a zero_optimization offload section is on (present with a device other than "none")."""
+    device = (zero.get(section) or {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def _check_parallel(cfg: RunConfig, ds: dict[str, Any], world_size: int | None) -> None:
+    par = cfg.parallel
+    if par.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {par.zero_stage}")
+    if par.pipeline > 1 and par.zero_stage >= 2:
+        raise ConfigError(f"parallel.zero_stage: pipeline parallelism works with ZeRO 0-1 only; set "
+                          f"parallel.zero_stage=1 (got ZeRO {par.zero_stage} with parallel.pipeline={par.pipeline})")
+    heads, depth = model_value(cfg, "heads"), model_value(cfg, "depth")
+    if heads % par.tensor:
+        raise ConfigError(f"parallel.tensor: {par.tensor} does not divide model.heads={heads} "
+                          "(attention is split by heads); choose a divisor of the head count")
+    if par.pipeline > depth:
+        raise ConfigError(f"parallel.pipeline: {par.pipeline} stages exceed model.depth={depth} blocks; "
+                          f"use at most {depth}")
+    zero = ds.get("zero_optimization", {})
+    if _offloads(zero, "offload_param") and par.zero_stage != 3:
+        raise ConfigError(f"parallel.zero_stage: {cfg.deepspeed} offloads parameters, which needs ZeRO 3; "
+                          f"set parallel.zero_stage=3 (got {par.zero_stage})")
+    if _offloads(zero, "offload_optimizer") and par.zero_stage == 0:
+        raise ConfigError(f"parallel.zero_stage: {cfg.deepspeed} offloads the optimizer, which needs ZeRO 1-3; "
+                          "set parallel.zero_stage=1 or higher")
+    if world_size is not None and world_size % (par.tensor * par.pipeline):
+        raise ConfigError(f"parallel: {world_size} ranks are not divisible by parallel.tensor x parallel.pipeline "
+                          f"= {par.tensor * par.pipeline}; change the layout or the number of ranks")
+
+
+def _check_optim(cfg: RunConfig) -> None:
+    opt = cfg.optim
+    _positive(opt.lr, "optim.lr")
+    for i, beta in enumerate(opt.betas):
+        _fraction(beta, f"optim.betas.{i}", low_open=False)
+    _positive(opt.eps, "optim.eps")
+    _positive(opt.weight_decay, "optim.weight_decay", allow_zero=True)
+    _positive(opt.end_lr, "optim.end_lr", allow_zero=True)
+    _positive(opt.grad_clip, "optim.grad_clip", allow_zero=True)
+
+
+def _check_warmup(warmup: float | int, steps: int, key: str, where_steps: str) -> None:
+    if isinstance(warmup, float):
+        if not 0 <= warmup < 1:
+            raise ConfigError(f"{key}: a fractional warm-up must be in [0, 1), got {warmup}; "
+                              "write a whole number (e.g. 2500) for a step count")
+    elif warmup < 0:
+        raise ConfigError(f"{key}: must be >= 0 steps, got {warmup}")
+    elif warmup_steps(warmup, steps) >= steps:
+        raise ConfigError(f"{key}: {warmup} warm-up steps is not below {where_steps}={steps}; "
+                          "lower the warm-up or use a fraction such as 0.1")
+
+
+def _check_train(cfg: RunConfig) -> None:
+    tr = cfg.train
+    for name in ("micro_batch", "global_batch", "open_shards", "log_every", "ckpt_every", "keep_last"):
+        _positive(getattr(tr, name), f"train.{name}")
+    _positive(tr.num_workers, "train.num_workers", allow_zero=True)
+    _positive(tr.deadline_minutes, "train.deadline_minutes")
+    if tr.resume not in RESUME_WORDS and not Path(tr.resume).exists():
+        raise MissingFileError(f"train.resume: checkpoint {tr.resume} does not exist; give an existing checkpoint, "
+                               "'auto' (latest in the run folder, if any) or 'none'")
+    _positive(cfg.eval.every, "eval.every", allow_zero=True)
+    _positive(cfg.eval.batch, "eval.batch")
+
+
+def _check_stage(cfg: RunConfig, index: int, stage: StageConfig, world_size: int | None) -> None:
+    key = f"stages.{index}"
+    if not _NAME.match(stage.name):
+        raise ConfigError(f"{key}.name: '{stage.name}' must start with a letter and hold only letters, digits, "
+                          "'_', '-' and '.' (it names folders and overrides)")
+    if not stage.data:
+        raise ConfigError(f"{key}.data: no shard sources; give a shard folder or pattern")
+    for i, source in enumerate(stage.data):
+        if not source.shards:
+            raise ConfigError(f"{key}.data.{i}.shards: empty; give a shard folder or pattern")
+        _positive(source.weight, f"{key}.data.{i}.weight")
+    _positive(stage.steps, f"{key}.steps")
+    _positive(stage.lr, f"{key}.lr")
+    lr = stage.lr if stage.lr is not None else cfg.optim.lr
+    if cfg.optim.end_lr > lr:
+        raise ConfigError(f"optim.end_lr: {cfg.optim.end_lr} is above {key}'s peak lr {lr}; lower optim.end_lr")
+    warmup_key = f"{key}.warmup" if stage.warmup is not None else "optim.warmup"
+    warmup = stage.warmup if stage.warmup is not None else cfg.optim.warmup
+    _check_warmup(warmup, stage.steps, warmup_key, f"{key}.steps")
+    _positive(stage.micro_batch, f"{key}.micro_batch")
+    _positive(stage.global_batch, f"{key}.global_batch")
+    # With the world size unknown, global_batch must at least hold whole micro-batches (one data-parallel rank).
+    accumulation(cfg, index, world_size // (cfg.parallel.tensor * cfg.parallel.pipeline) if world_size else 1)
+    allowed = LOSS_KEYS[stage.kind]
+    for name, weight in stage.loss_weights.items():
+        if name not in allowed:
+            raise ConfigError(f"unknown key '{key}.loss_weights.{name}'{did_you_mean(name, allowed)}; "
+                              f"{stage.kind} stages weigh {', '.join(allowed)}")
+        _positive(weight, f"{key}.loss_weights.{name}", allow_zero=True)
+    if not any(stage.loss_weights.values()):
+        raise ConfigError(f"{key}.loss_weights: every weight is 0; give at least one objective a positive weight")
+    if stage.trainable != "all":
+        if isinstance(stage.trainable, str) or not stage.trainable:
+            raise ConfigError(f"{key}.trainable: must be 'all' or a non-empty list of groups, got {stage.trainable!r}")
+        for group in stage.trainable:
+            if group not in TRAINABLE_GROUPS:
+                raise ConfigError(f"{key}.trainable: unknown group '{group}'{did_you_mean(group, TRAINABLE_GROUPS)}; "
+                                  f"groups: {', '.join(TRAINABLE_GROUPS)}")
+    _fraction(stage.mlm_prob, f"{key}.mlm_prob")
+    _fraction(stage.mim_ratio, f"{key}.mim_ratio")
+    low, high = stage.crop_scale
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"{key}.crop_scale: must be [low, high] with 0 < low <= high <= 1, got [{low}, {high}]")
+    _positive(stage.image_size, f"{key}.image_size")
+    _positive(stage.text_len, f"{key}.text_len")
+    if stage.kind == "image_mim" and model_value(cfg, "mim_targets") is None:
+        raise ConfigError(f"{key}.kind: image_mim stages need a masked-image head; set model.mim_targets=pixels "
+                          "(or tokens, with visual-token ids in the shards)")
+    model_config(cfg, _vocab_stand_in(cfg), stage=index)
+
+
+def validate(cfg: RunConfig, ds: dict[str, Any], world_size: int | None = None) -> None:
+    """Raise ConfigError for the first problem of `cfg` (`ds`: its DeepSpeed JSON; world_size: ranks, if known)."""
+    if not cfg.run_dir:
+        raise ConfigError("run_dir: empty; give a folder for checkpoints and logs")
+    if not cfg.tokenizer:
+        raise ConfigError("tokenizer: empty; give a sentencepiece *.model or a BERT vocab.txt")
+    _positive(cfg.seed, "seed", allow_zero=True)
+    if cfg.precision not in ("fp32", "bf16"):
+        why = " (fp16 needs loss scaling, which vlmo_ds does not do)" if cfg.precision == "fp16" else ""
+        raise ConfigError(f"precision: '{cfg.precision}' is not supported; use 'bf16' (GPUs with bf16) or 'fp32'{why}")
+    if world_size is not None and world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    _positive(cfg.parallel.tensor, "parallel.tensor")
+    _positive(cfg.parallel.pipeline, "parallel.pipeline")
+    _check_model(cfg)
+    _check_parallel(cfg, ds, world_size)
+    _check_optim(cfg)
+    _check_train(cfg)
+    names: dict[str, int] = {}
+    for index, stage in enumerate(cfg.stages):
+        if stage.name in names:
+            raise ConfigError(f"stages.{index}.name: duplicate stage name '{stage.name}' "
+                              f"(also stages.{names[stage.name]}.name); give each stage a unique name")
+        names[stage.name] = index
+        _check_stage(cfg, index, stage, world_size)

@@ -1,0 +1,144 @@
+"""Checkpoints that are never half-written, and finding the one to resume from.
+
+Layout under RUN_DIR/checkpoints/:
+    step_00001200/            one checkpoint: DeepSpeed's files + trainer.json (global) + rank_<r>.pt (per rank)
+    step_00001200.tmp/        a save in progress (or killed mid-way): never resumed from, removed on the next start
+    latest                    the name of the newest complete checkpoint; moved last, atomically
+A save writes everything under the .tmp name, waits for every rank, then rank 0 renames the folder and only then
+rewrites `latest`. A crash at any point leaves the previous checkpoint as the newest complete one.
+Per-rank state (loader position, RNG states) is a torch file of plain tensors and strings, read with
+weights_only=True.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+TRAINER_FILE = "trainer.json"
+
+
+def root_of(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": json.dumps(np.random.get_state()[1].tolist()),
+             "python": json.dumps(random.getstate(), default=list)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(json.loads(state["numpy"]), dtype=np.uint32), 624, 0, 0.0))
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, run_dir: str | Path, step: int, trainer: dict[str, Any], per_rank: dict[str, Any], rank: int,
+         keep_last: int) -> Path:
+    """Every rank calls this. trainer: global state (rank 0's is written); per_rank: this rank's loader state etc."""
+    root = root_of(run_dir)
+    name = f"step_{step:08d}"
+    tmp = root / f"{name}.tmp"
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
+    torch.save({"loader": json.dumps(per_rank["loader"]), "rng": rng_state()}, tmp / f"rank_{rank}.pt")
+    _barrier()
+    final = root / name
+    if rank == 0:
+        (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=1))
+        if final.exists():  # the same step saved again (a resumed run that re-reached it): replace
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", name)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))
+    for old in complete[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and STEP_DIR.match(path.name) is not None and (path / TRAINER_FILE).is_file()
+
+
+def find_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: resume="none" -> None; "auto" -> the newest complete one (None if there is
+    none); otherwise the path given, which must be a complete checkpoint folder."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not is_complete(path):
+            raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint folder (step_NNNNNNNN with "
+                                    f"{TRAINER_FILE}); use resume=auto to take the newest in the run folder")
+        return path
+    root = root_of(run_dir)
+    if not root.is_dir():
+        return None
+    pointer = root / "latest"
+    if pointer.is_file() and is_complete(root / pointer.read_text().strip()):
+        candidate = root / pointer.read_text().strip()
+    else:
+        candidate = None
+    complete = sorted(p for p in root.iterdir() if is_complete(p))
+    newest = complete[-1] if complete else None
+    return newest if candidate is None or (newest and newest.name > candidate.name) else candidate
+
+
+def remove_partial(run_dir: str | Path) -> None:
+    """Rank 0 at start-up: drop saves that were killed mid-way."""
+    root = root_of(run_dir)
+    for tmp in root.glob("step_*.tmp") if root.is_dir() else []:
+        log.warning("removing the incomplete checkpoint %s (a save was interrupted)", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(engine, path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore DeepSpeed's state (weights, optimizer, ZeRO partitions) and return (trainer, this rank's state)."""
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint in {path}")
+    trainer = json.loads((path / TRAINER_FILE).read_text())
+    rank_file = path / f"rank_{rank}.pt"
+    if not rank_file.is_file():
+        raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written by fewer ranks; resume with the "
+                                "same number of data-parallel ranks (or start the loaders afresh with resume=none)")
+    state = torch.load(rank_file, weights_only=True)
+    set_rng_state(state["rng"])
+    return trainer, {"loader": json.loads(state["loader"])}

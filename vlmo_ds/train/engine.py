@@ -1,0 +1,32 @@
+"""The DeepSpeed engine around a VLMo model: AdamW with the published defaults, ZeRO stage, precision and batch sizes
+from the recipe. DeepSpeed owns the optimizer step, ZeRO partitioning, gradient accumulation and clipping; the
+learning rate is set by the trainer before each optimizer step from the schedule (a function of the step, so there
+is no scheduler state to checkpoint)."""
+from __future__ import annotations
+
+import logging
+
+import deepspeed
+import torch
+
+from vlmo_ds.train.optim import param_groups
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float):
+    """deepspeed.initialize with a torch AdamW (DeepSpeed's own fused Adam would compile a C++ op first)."""
+    groups = param_groups(model, weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def compute_dtype(engine) -> torch.dtype:
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32

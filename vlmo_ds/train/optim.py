@@ -1,0 +1,42 @@
+"""AdamW parameter groups and the learning-rate schedule.
+
+No weight decay for: every bias (incl. the attention q/v biases and the MLM output bias), every LayerNorm (incl. the
+per-expert norm2_text / norm2_imag / norm2_vl), layer-scale gammas, logit scales (all of them: tensors of fewer than
+two dimensions), and the position-like tensors: the relative position table, I_CLS, the absolute image positions and
+the MIM mask token. The published code picks groups by substring and so decays the per-expert LayerNorms; the rule
+here is by shape and by name of those few tensors, so it covers every expert.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NO_DECAY_TENSORS = ("relative_position_bias_table", "transformer.cls_token", "transformer.pos_embed",
+                    "transformer.mask_token")
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    return param.dim() >= 2 and name not in NO_DECAY_TENSORS
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups over the trainable parameters (frozen ones get no optimizer state at all)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay, "name": "decay"},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def warmup_steps(warmup: float | int, total: int) -> int:
+    """A fraction in [0, 1) of the stage's steps, or a step count."""
+    return int(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, end: float = 0.0) -> float:
+    """Linear warm-up to `peak` over `warmup` steps, then linear decay to `end` at `total` (the published schedule).
+
+    `step` counts optimizer steps already taken, so the first update uses lr_at(0) = peak / warmup.
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    remaining = max(total - warmup, 1)
+    return end + (peak - end) * max(total - step, 0) / remaining
