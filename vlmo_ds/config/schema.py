@@ -105,6 +105,8 @@ class TrainSection:
     """"auto" = the run folder's latest checkpoint if any, "none" = start afresh, or a checkpoint path."""
     deadline_minutes: float | None = None
     """Stop with a checkpoint this many minutes after start (for time-limited jobs); null = no limit."""
+    record_samples: bool = False
+    """Write the sample keys of every step to RUN_DIR/samples_rank<r>.jsonl (audits the data order across resumes)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlmo_ds.data.shards import ShardList, ShardSource, resolve_shards
@@ -143,8 +144,11 @@ class StreamLoader:
         if self.batches_per_epoch is not None:
             count = self.batches_per_epoch - self._batches % self.batches_per_epoch
         dataset = _StreamBatches(self, self._batches, count)
+        # Our own generator: starting workers draws a seed from it, and must not advance the trainer's global RNG
+        # (drop path, dropout), or a resumed run would draw different masks than the uninterrupted one.
         workers = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                             prefetch_factor=self.prefetch_factor if self.num_workers else None)
+                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                             generator=torch.Generator())
         for batch in workers:
             position = batch.pop(_POSITION)
             assert position["batch"] == self._batches, "DataLoader broke its round-robin order"

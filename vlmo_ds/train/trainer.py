@@ -64,6 +64,16 @@ def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(names, stacked.tolist()))
 
 
+def _past_deadline(started: float, minutes: float | None, device: torch.device) -> bool:
+    """Whether the time limit is reached, decided by rank 0 for every rank (clocks and speeds differ)."""
+    if minutes is None:
+        return False
+    flag = torch.tensor([float(time.monotonic() - started > minutes * 60)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def train(cfg: RunConfig, env: DistEnv) -> RunResult:
     device = _device(env)
     run_dir = Path(cfg.run_dir)
@@ -87,6 +97,7 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
     def lr(step: int) -> float:
         return lr_at(step, steps, plan.lr, plan.warmup_steps, plan.end_lr)
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     if env.rank == 0:
         checkpoint.remove_partial(run_dir)
     start = 0
@@ -107,15 +118,20 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
         else None
     losses: list[dict[str, float]] = []
     batches = iter(loader)
+    started = time.monotonic()
+    sample_log = open(run_dir / f"samples_rank{env.rank}.jsonl", "a") if cfg.train.record_samples else None
     with MetricsLogger(run_dir, enabled=env.rank == 0, total_steps=steps, flops_per_step=flops,
                        peak_flops=None, samples_per_step=samples, tokens_per_step=tokens, resume_step=start,
                        stage=stage.name) as metrics:
         for step in range(start, steps):
             set_lr(engine, lr(step))
             accumulated: dict[str, torch.Tensor] = {}
+            keys: list[str] = []
             for micro_step in range(accumulation):
                 with metrics.data_wait():
-                    batch = _to_device(next(batches), device, dtype)
+                    raw = next(batches)
+                keys += raw["key"]
+                batch = _to_device(raw, device, dtype)
                 seed = (cfg.seed * 1_000_003 + step) * accumulation + micro_step
                 out = engine(loss_fn, batch, seed, None)
                 engine.backward(out["loss"])
@@ -125,19 +141,31 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
             scalars = _mean_over_ranks(accumulated)
             losses.append(scalars)
             grad_norm = engine.get_global_grad_norm()
-            extra = {"lr": lr(step)}
+            logged = {f"train/{k}": v for k, v in scalars.items()}
+            logged["opt/lr"] = lr(step)
             if grad_norm is not None:
-                extra["grad_norm"] = float(grad_norm)
-            extra.update({f"skipped/{k}": float(v) for k, v in loader.skipped.items()})
-            metrics.log(step + 1, {**scalars, **extra}, stage.name)
+                logged["opt/grad_norm"] = float(grad_norm)
+            logged.update({f"data/skipped_{k}": float(v) for k, v in loader.skipped.items()})
+            metrics.log(step + 1, logged, stage.name)
             metrics.step_done(step + 1)
-            last = step + 1 == steps
+            if sample_log:
+                sample_log.write(json.dumps({"step": step + 1, "keys": keys}) + "\n")
+                sample_log.flush()
+            out_of_time = _past_deadline(started, cfg.train.deadline_minutes, device)
+            last = step + 1 == steps or out_of_time
             if (step + 1) % cfg.train.ckpt_every == 0 or last:
                 checkpoint.save(engine, run_dir, step + 1, {"step": step + 1, "stage": stage.name},
                                 {"loader": loader.state_dict()}, env.rank, cfg.train.keep_last)
                 metrics.reset_timer()
+            if out_of_time:
+                log.warning("train.deadline_minutes=%s reached at step %d: checkpoint written, stopping; run the "
+                            "same command again to continue", cfg.train.deadline_minutes, step + 1)
+                steps = step + 1
+                break
+        if sample_log:
+            sample_log.close()
         result = None
-        if cfg.eval.retrieval:
+        if cfg.eval.retrieval and steps == stage.steps:
             result = evaluate_retrieval(engine, cfg.eval.retrieval, tokenizer, model_cfg.image_size,
                                         model_cfg.max_text_len, batch_size=cfg.eval.batch, rank=env.rank,
                                         world_size=env.world_size, device=device)
