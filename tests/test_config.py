@@ -281,7 +281,7 @@ def test_shipped_recipes():
     assert shipped_recipes() == ["base", "large", "tiny"]
     tiny = load_config("tiny")
     assert tiny.run_dir == "runs/tiny" and tiny.model.preset == "tiny"
-    assert tiny.model.overrides == {"vocab_size": "auto"}
+    assert tiny.model.overrides == {"vocab_size": "auto", "patch_size": 16, "max_text_len": 16}
     assert (tiny.tokenizer, tiny.eval.retrieval) == ("data/synthetic/tok.model", "data/synthetic/retrieval_test")
     assert Path(tiny.deepspeed).name == "cpu.json" and tiny.precision == "fp32"
     assert [(s.name, s.kind, s.steps) for s in tiny.stages] == [("image_text", "image_text", 600)]
@@ -362,7 +362,7 @@ def test_config_cli_prints_resolved_recipe_and_plans(capsys):
     main(["tiny", "stages.0.steps=50", "--world-size", "1"])
     out = capsys.readouterr().out
     assert yaml.safe_load(out)["stages"][0]["steps"] == 50  # the trailing lines are YAML comments
-    assert "# stage 0 image_text (image_text): 50 steps, lr 0.001 after 5 warm-up steps, 32 micro x 1 accum" in out
+    assert "# stage 0 image_text (image_text): 50 steps, lr 0.001 after 2 warm-up steps, 32 micro x 1 accum" in out
     with pytest.raises(SystemExit) as stop:
         main(["tiny", "optim.lr=-1"])
     assert stop.value.code == 2 and capsys.readouterr().err == "error: optim.lr: must be > 0, got -1.0\n"

@@ -1,7 +1,6 @@
 """Resume is exact: a run killed with SIGKILL and resumed with resume=auto continues with the same losses and the same
 sample keys as the uninterrupted run; a SIGKILL inside a save leaves the previous checkpoint as the one resumed."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,36 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from vlmo_ds.data.synthetic import SyntheticConfig, write_synthetic
-from vlmo_ds.data.text_corpus import expand_inputs, iter_lines
-from vlmo_ds.data.tokenizer import train_sentencepiece
-from vlmo_ds.train.metrics import read_metrics
+from train_cli import ENV, losses, recipe_args, train_command
 
 STEPS = 8
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, SyntheticConfig(shard_size=40).scaled(0.01))
-    files = expand_inputs([str(root / "pretrain_pairs")])
-    train_sentencepiece(iter_lines(files), root / "tok", vocab_size=120, model_type="bpe")
-    return root
-
-
 def command(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vlmo_ds.train", "tiny", f"run_dir={run_dir}", f"tokenizer={data / 'tok.model'}",
-            f"stages.0.data={data / 'pretrain_pairs'}", "eval.retrieval=null", f"stages.0.steps={STEPS}",
-            "train.micro_batch=4", "train.global_batch=4", "train.ckpt_every=2", "train.keep_last=2",
-            "train.num_workers=1", "train.record_samples=true", "model.patch_size=16", "model.max_text_len=16",
-            *extra]
-
-
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r}
+    return train_command(*recipe_args(data, run_dir, STEPS, 4, *extra))
 
 
 def keys(run_dir: Path) -> dict[int, list[str]]:
@@ -48,14 +24,15 @@ def keys(run_dir: Path) -> dict[int, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory):
+def uninterrupted(run_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("whole")
-    subprocess.run(command(data, run_dir), check=True, env=ENV, capture_output=True)
+    subprocess.run(command(run_data, run_dir), check=True, env=ENV, capture_output=True)
     return run_dir
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_continues_exactly(data, uninterrupted, tmp_path):
+def test_sigkill_then_resume_continues_exactly(run_data, uninterrupted, tmp_path):
+    data = run_data
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(command(data, run_dir), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -90,7 +67,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_sigkill_during_save_resumes_from_the_previous_checkpoint(data, uninterrupted, tmp_path):
+def test_sigkill_during_save_resumes_from_the_previous_checkpoint(run_data, uninterrupted, tmp_path):
+    data = run_data
     run_dir = tmp_path / "dies_in_save"
     script = tmp_path / "dies_in_save.py"
     script.write_text(KILL_IN_SAVE)

@@ -24,6 +24,7 @@ from vlmo_ds.model.config import PRESETS, preset  # noqa: E402
 from vlmo_ds.model.flops import image_text_step_flops  # noqa: E402
 from vlmo_ds.model.vlmo import VLMo  # noqa: E402
 from vlmo_ds.objectives.pretrain import LossWeights, image_text_losses  # noqa: E402
+from vlmo_ds.train.peak import gemm_rate, synchronize  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,23 +37,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute precision (bf16 = autocast)")
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the square GEMM used as the baseline")
     return p.parse_args(argv)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def gemm_rate(n: int, device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
-    """FLOP/s of a dense [n, n] @ [n, n] in this process: the ceiling a perfect model step could reach."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def random_batch(cfg, batch: int, device: torch.device) -> dict:

@@ -238,7 +238,7 @@ def evaluate_retrieval(model: nn.Module, shards: ShardSource, tokenizer: Tokeniz
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(image_part) + len(text_part), desc="retrieval eval", unit="item", file=sys.stderr,
-               disable=rank != 0, leave=False)
+               disable=rank != 0, leave=False, mininterval=0.5 if sys.stderr.isatty() else 60.0)
     try:
         with torch.no_grad():
             image_feats = _encode(model, image_batches(), image_steps, dummy_image, _image_features, bar)  # [i, D]

@@ -27,6 +27,7 @@ from vlmo_ds.train import checkpoint
 from vlmo_ds.train.engine import build_engine, compute_dtype, set_lr
 from vlmo_ds.train.metrics import MetricsLogger
 from vlmo_ds.train.optim import lr_at
+from vlmo_ds.train.peak import peak_flops
 from vlmo_ds.train.stages import build_loader, loss_function, samples_and_tokens
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
     started = time.monotonic()
     sample_log = open(run_dir / f"samples_rank{env.rank}.jsonl", "a") if cfg.train.record_samples else None
     with MetricsLogger(run_dir, enabled=env.rank == 0, total_steps=steps, flops_per_step=flops,
-                       peak_flops=None, samples_per_step=samples, tokens_per_step=tokens, resume_step=start,
+                       peak_flops=peak_flops(device, dtype) if flops else None, samples_per_step=samples, tokens_per_step=tokens, resume_step=start,
                        stage=stage.name) as metrics:
         for step in range(start, steps):
             set_lr(engine, lr(step))
