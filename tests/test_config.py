@@ -284,7 +284,7 @@ def test_shipped_recipes():
     assert tiny.model.overrides == {"vocab_size": "auto", "patch_size": 16, "max_text_len": 16}
     assert (tiny.tokenizer, tiny.eval.retrieval) == ("data/synthetic/tok.model", "data/synthetic/retrieval_test")
     assert Path(tiny.deepspeed).name == "cpu.json" and tiny.precision == "fp32"
-    assert [(s.name, s.kind, s.steps) for s in tiny.stages] == [("image_text", "image_text", 600)]
+    assert [(s.name, s.kind, s.steps) for s in tiny.stages] == [("image_text", "image_text", 2000)]
     assert (tiny.train.micro_batch, tiny.train.global_batch, tiny.optim.lr) == (32, 32, 1e-3)
     assert tiny.stages[0].data[0].shards == "data/synthetic/pretrain_pairs"
     assert load_config("tiny.yaml") == load_config(RECIPES / "tiny.yaml") == tiny
