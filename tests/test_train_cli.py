@@ -2,6 +2,7 @@
 torchrun, the deepspeed launcher and mpirun; its TensorBoard events and metrics.jsonl hold the scalars."""
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,13 +60,12 @@ LAUNCHERS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_ranks_train_under_each_launcher(launcher, run_data, tmp_path):
-    binary = LAUNCHERS[launcher](0)[0]
-    if Path(binary).name == binary and shutil.which(binary) is None and not (Path(ENV.get("VIRTUAL_ENV", "")) /
-                                                                             "bin" / binary).exists():
-        pytest.skip(f"{binary} is not installed")
     cmd = LAUNCHERS[launcher](free_port())
-    if cmd[0] in ("torchrun", "deepspeed"):
-        cmd[0] = str(Path(train_command()[0]).parent / cmd[0])
+    beside_python = Path(sys.executable).parent / cmd[0]  # torchrun and deepspeed live in the environment's bin
+    if beside_python.exists():
+        cmd[0] = str(beside_python)
+    elif shutil.which(cmd[0]) is None:
+        pytest.skip(f"{cmd[0]} is not installed (mpirun: Debian's openmpi-bin)")
     run_dir = tmp_path / launcher
     proc = subprocess.run(cmd + recipe_args(run_data, run_dir, 3, 4, "train.global_batch=8"), env=ENV,
                           capture_output=True, text=True, timeout=300)

@@ -65,6 +65,15 @@ def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(names, stacked.tolist()))
 
 
+def _grad_norm_before_step(engine) -> float | None:
+    """ZeRO 0 keeps no gradient norm: take it from the (already averaged) gradients before the step clips them.
+    ZeRO 1-3 report theirs after the step (get_global_grad_norm)."""
+    if engine.zero_optimization_stage() != 0:
+        return None
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+
 def _past_deadline(started: float, minutes: float | None, device: torch.device) -> bool:
     """Whether the time limit is reached, decided by rank 0 for every rank (clocks and speeds differ)."""
     if minutes is None:
@@ -136,12 +145,14 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
                 seed = (cfg.seed * 1_000_003 + step) * accumulation + micro_step
                 out = engine(loss_fn, batch, seed, None)
                 engine.backward(out["loss"])
+                if micro_step == accumulation - 1:
+                    grad_norm = _grad_norm_before_step(engine)
                 engine.step()
                 for name, value in out.items():
                     accumulated[name] = accumulated.get(name, 0) + value.detach() / accumulation
             scalars = _mean_over_ranks(accumulated)
             losses.append(scalars)
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
             logged = {f"train/{k}": v for k, v in scalars.items()}
             logged["opt/lr"] = lr(step)
             if grad_norm is not None:
