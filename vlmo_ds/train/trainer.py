@@ -130,9 +130,24 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
     batches = iter(loader)
     started = time.monotonic()
     sample_log = open(run_dir / f"samples_rank{env.rank}.jsonl", "a") if cfg.train.record_samples else None
-    with MetricsLogger(run_dir, enabled=env.rank == 0, total_steps=steps, flops_per_step=flops,
-                       peak_flops=peak_flops(device, dtype) if flops else None, samples_per_step=samples, tokens_per_step=tokens, resume_step=start,
-                       stage=stage.name) as metrics:
+    peak = peak_flops(device, dtype) if flops else None
+    with MetricsLogger(run_dir, enabled=env.rank == 0, total_steps=steps, flops_per_step=flops, peak_flops=peak,
+                       samples_per_step=samples, tokens_per_step=tokens, log_interval=cfg.train.log_every,
+                       resume_step=start, stage=stage.name) as metrics:
+
+        def evaluate(at_step: int) -> dict[str, Any] | None:
+            if not cfg.eval.retrieval:
+                return None
+            found = evaluate_retrieval(engine, cfg.eval.retrieval, tokenizer, model_cfg.image_size,
+                                       model_cfg.max_text_len, batch_size=cfg.eval.batch, rank=env.rank,
+                                       world_size=env.world_size, device=device)
+            if env.rank == 0:
+                metrics.log(at_step, {f"eval/{k}": v for k, v in found.items() if isinstance(v, (int, float))},
+                            stage.name)
+                log.info("retrieval at step %d on %s:\n%s", at_step, cfg.eval.retrieval, format_table(found))
+            metrics.reset_timer()
+            return found
+
         for step in range(start, steps):
             set_lr(engine, lr(step))
             accumulated: dict[str, torch.Tensor] = {}
@@ -169,6 +184,8 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
                 checkpoint.save(engine, run_dir, step + 1, {"step": step + 1, "stage": stage.name},
                                 {"loader": loader.state_dict()}, env.rank, cfg.train.keep_last)
                 metrics.reset_timer()
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
+                evaluate(step + 1)
             if out_of_time:
                 log.warning("train.deadline_minutes=%s reached at step %d: checkpoint written, stopping; run the "
                             "same command again to continue", cfg.train.deadline_minutes, step + 1)
@@ -176,15 +193,7 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
                 break
         if sample_log:
             sample_log.close()
-        result = None
-        if cfg.eval.retrieval and steps == stage.steps:
-            result = evaluate_retrieval(engine, cfg.eval.retrieval, tokenizer, model_cfg.image_size,
-                                        model_cfg.max_text_len, batch_size=cfg.eval.batch, rank=env.rank,
-                                        world_size=env.world_size, device=device)
-            if env.rank == 0:
-                metrics.log(steps, {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
-                            stage.name)
-                log.info("retrieval on %s:\n%s", cfg.eval.retrieval, format_table(result))
+        result = evaluate(steps) if steps == stage.steps else None  # a deadline stop evaluates on completion
     if env.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps({"step": steps, "final": losses[-1] if losses else None,
                                                           "eval": result, "time": time.time()}, indent=1,
