@@ -26,7 +26,7 @@ from vlmo_ds.data.decode import (DEFAULT_MAX_PIXELS, SampleSkipped, decode_image
                                  decode_vtok, image_member)
 from vlmo_ds.data.loader import StreamLoader
 from vlmo_ds.data.shards import ShardList, ShardSource
-from vlmo_ds.data.tokenizer import Tokenizer
+from vlmo_ds.data.tokenizer import Tokenizer, pad_encoded
 
 ImageTransform = Callable[[Image.Image, np.random.Generator], torch.Tensor]
 
@@ -40,17 +40,8 @@ def _transform(transform: ImageTransform, image: Image.Image, rng: np.random.Gen
     return pixels
 
 
-def _pad_text(items: list[dict[str, Any]], text_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Token lists -> text_ids [B, T] (pad_id-padded), text_mask [B, T], word_start [B, T]."""
-    text_ids = torch.full((len(items), text_len), pad_id, dtype=torch.int64)
-    text_mask = torch.zeros((len(items), text_len), dtype=torch.int64)
-    word_start = torch.zeros((len(items), text_len), dtype=torch.bool)
-    for row, item in enumerate(items):
-        n = len(item["ids"])
-        text_ids[row, :n] = torch.tensor(item["ids"], dtype=torch.int64)
-        text_mask[row, :n] = 1
-        word_start[row, :n] = torch.tensor(item["starts"], dtype=torch.bool)
-    return {"text_ids": text_ids, "text_mask": text_mask, "word_start": word_start}
+def _pad_items(items: list[dict[str, Any]], text_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    return pad_encoded([(it["ids"], it["starts"]) for it in items], text_len, pad_id)
 
 
 def _encode(tokenizer: Tokenizer, text: str, max_len: int) -> tuple[list[int], list[bool]]:
@@ -83,7 +74,7 @@ class ImageTextPipeline:
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return {"image": torch.stack([it["image"] for it in items]),
-                **_pad_text(items, self.text_len, self.tokenizer.pad_id),
+                **_pad_items(items, self.text_len, self.tokenizer.pad_id),
                 "key": [it["key"] for it in items], "meta": [it["meta"] for it in items]}
 
 
@@ -138,7 +129,7 @@ class TextPipeline:
         return item
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return {**_pad_text(items, self.text_len, self.tokenizer.pad_id), "key": [it["key"] for it in items]}
+        return {**_pad_items(items, self.text_len, self.tokenizer.pad_id), "key": [it["key"] for it in items]}
 
 
 def image_text_loader(shards: ShardSource | ShardList, tokenizer: Tokenizer, image_transform: ImageTransform,

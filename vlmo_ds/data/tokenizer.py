@@ -73,15 +73,22 @@ class Tokenizer(ABC):
         Returns text_ids [B, T] int64 (padded with pad_id), text_mask [B, T] int64 (1 = real token) and
         word_start [B, T] bool (False on padding).
         """
-        text_ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.int64)
-        text_mask = torch.zeros((len(texts), max_len), dtype=torch.int64)
-        word_start = torch.zeros((len(texts), max_len), dtype=torch.bool)
-        for row, (ids, starts) in enumerate(self._pieces_batch(texts)):
-            ids, starts = self._frame(ids, starts, max_len)
-            text_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-            text_mask[row, : len(ids)] = 1
-            word_start[row, : len(ids)] = torch.tensor(starts, dtype=torch.bool)
-        return {"text_ids": text_ids, "text_mask": text_mask, "word_start": word_start}
+        framed = [self._frame(ids, starts, max_len) for ids, starts in self._pieces_batch(texts)]
+        return pad_encoded(framed, max_len, self.pad_id)
+
+
+def pad_encoded(rows: Sequence[tuple[Sequence[int], Sequence[bool]]], max_len: int,
+                pad_id: int) -> dict[str, torch.Tensor]:
+    """(ids, word starts) rows of at most max_len -> text_ids [B, T] (pad_id-padded), text_mask [B, T] int64,
+    word_start [B, T] bool (False on padding)."""
+    text_ids = torch.full((len(rows), max_len), pad_id, dtype=torch.int64)
+    text_mask = torch.zeros((len(rows), max_len), dtype=torch.int64)
+    word_start = torch.zeros((len(rows), max_len), dtype=torch.bool)
+    for row, (ids, starts) in enumerate(rows):
+        text_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        text_mask[row, : len(ids)] = 1
+        word_start[row, : len(ids)] = torch.tensor(starts, dtype=torch.bool)
+    return {"text_ids": text_ids, "text_mask": text_mask, "word_start": word_start}
 
 
 class SentencePieceTokenizer(Tokenizer):
