@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     step: int
-    losses: list[dict[str, float]]
-    """Per optimizer step of this process, the data-parallel mean of each loss."""
+    final: dict[str, float] | None
+    """The last step's data-parallel mean of each loss (None when no step ran)."""
     eval: dict[str, Any] | None
 
 
@@ -126,7 +126,7 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
     samples, tokens = samples_and_tokens(stage, model_cfg, plan.global_batch)
     flops = image_text_step_flops(model_cfg, plan.global_batch) if stage.kind == "image_text" \
         else None
-    losses: list[dict[str, float]] = []
+    scalars: dict[str, float] | None = None
     batches = iter(loader)
     started = time.monotonic()
     sample_log = open(run_dir / f"samples_rank{env.rank}.jsonl", "a") if cfg.train.record_samples else None
@@ -166,7 +166,6 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
                 for name, value in out.items():
                     accumulated[name] = accumulated.get(name, 0) + value.detach() / accumulation
             scalars = _mean_over_ranks(accumulated)
-            losses.append(scalars)
             grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
             logged = {f"train/{k}": v for k, v in scalars.items()}
             logged["opt/lr"] = lr(step)
@@ -195,7 +194,7 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
             sample_log.close()
         result = evaluate(steps) if steps == stage.steps else None  # a deadline stop evaluates on completion
     if env.rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps({"step": steps, "final": losses[-1] if losses else None,
+        (run_dir / "summary.json").write_text(json.dumps({"step": steps, "final": scalars,
                                                           "eval": result, "time": time.time()}, indent=1,
                                                          default=str))
-    return RunResult(steps, losses, result)
+    return RunResult(steps, scalars, result)
