@@ -1,15 +1,19 @@
 """Resume is exact: a run killed with SIGKILL and resumed with resume=auto continues with the same losses and the same
 sample keys as the uninterrupted run; a SIGKILL inside a save leaves the previous checkpoint as the one resumed."""
 import json
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from train_cli import ENV, losses, recipe_args, train_command
+from vlmo_ds.train.checkpoint import rng_state, set_rng_state
 
 STEPS = 8
 
@@ -80,3 +84,12 @@ def test_sigkill_during_save_resumes_from_the_previous_checkpoint(run_data, unin
     subprocess.run(command(data, run_dir, "train.resume=auto"), check=True, env=ENV, capture_output=True)
     assert not (root / "step_00000006.tmp").exists()
     assert losses(run_dir) == pytest.approx(losses(uninterrupted), rel=1e-6)
+
+
+def test_rng_states_round_trip():
+    np.random.rand(3), random.random(), torch.rand(3)
+    state = rng_state()
+    first = (np.random.rand(5).tolist(), np.random.randn(), random.random(), torch.rand(4).tolist())
+    np.random.rand(7), random.random(), torch.rand(2)
+    set_rng_state(state)
+    assert (np.random.rand(5).tolist(), np.random.randn(), random.random(), torch.rand(4).tolist()) == first

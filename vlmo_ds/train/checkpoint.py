@@ -46,7 +46,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": json.dumps(np.random.get_state()[1].tolist()),
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": json.dumps([keys.tolist(), pos, has_gauss, gauss]),
              "python": json.dumps(random.getstate(), default=list)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -55,7 +56,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(json.loads(state["numpy"]), dtype=np.uint32), 624, 0, 0.0))
+    keys, pos, has_gauss, gauss = json.loads(state["numpy"])
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss = json.loads(state["python"])
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
