@@ -193,3 +193,17 @@ def test_known_values_are_stable():
     got = [fused[0, 0, :3].tolist(), fused[1, -1, :3].tolist(), itm.flatten().tolist(), text_feat[0, :3].tolist()]
     for g, e in zip(got, KNOWN_VALUES):
         assert g == pytest.approx(e, abs=2e-5)
+
+
+def test_absolute_position_variant_runs_every_path():
+    """rel_pos=False (base_plus): image-only passes have no bias at all; positions come from the embeddings."""
+    cfg = preset("tiny", rel_pos=False, layer_scale_init=None)
+    model = VLMo(cfg).eval()
+    ids, mask = text_batch(cfg)
+    image = torch.randn(3, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        img = model.encode_image(image, vl_path=True)
+        assert model.encode_pair(ids, mask, image).shape == (3, cfg.max_text_len + cfg.image_len, cfg.dim)
+        shifted = model.encode_image(image.roll(cfg.patch_size, dims=-1)).hidden[:, 0]
+    assert img.hidden.shape == (3, cfg.image_len, cfg.dim) and torch.isfinite(img.hidden).all()
+    assert not torch.allclose(img.hidden[:, 0], shifted)  # moving the content moves the I_CLS output

@@ -58,15 +58,15 @@ class Attention(nn.Module):
         self.local_heads = layers.local(heads, "heads")
         local_dim = self.local_heads * (dim // heads)
         self.qkv = layers.column(dim, 3 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(local_dim))
-        self.v_bias = nn.Parameter(torch.zeros(local_dim))
+        self.q_bias = layers.shard_parameter(nn.Parameter(torch.zeros(local_dim)), dim=0)
+        self.v_bias = layers.shard_parameter(nn.Parameter(torch.zeros(local_dim)), dim=0)
         self.proj = layers.row(dim, dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(x) + torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         q, k, v = qkv.reshape(b, n, 3, self.local_heads, -1).permute(2, 0, 3, 1, 4)  # each [B, H, N, hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

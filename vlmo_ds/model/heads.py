@@ -52,7 +52,7 @@ class MLMHead(nn.Module):
         super().__init__()
         self.transform = MLMTransform(dim, layers)
         self.decoder = layers.vocab_output(dim, vocab_size)
-        self.bias = nn.Parameter(torch.zeros(layers.local(vocab_size, "vocab_size")))
+        self.bias = layers.shard_parameter(nn.Parameter(torch.zeros(layers.local(vocab_size, "vocab_size"))), dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(x)) + self.bias

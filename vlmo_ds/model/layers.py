@@ -19,8 +19,14 @@ class Layers:
     def local(self, n: int, what: str) -> int:
         """The share of `n` (heads, FFN width, vocabulary rows) that lives on this tensor-parallel rank."""
         if n % self.tp_size:
-            raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {self.tp_size}")
+            raise ValueError(f"{what}={n} is not divisible by the tensor-parallel size {self.tp_size}; "
+                             f"choose a tensor-parallel size that divides {what}")
         return n // self.tp_size
+
+    def shard_parameter(self, param: nn.Parameter, dim: int) -> nn.Parameter:
+        """Declare that `param` holds only this rank's share along `dim` (per-head biases, the relative table's
+        head columns, the MLM output bias), so that gradient norms and checkpoints count it once per shard."""
+        return param
 
     def column(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
         """Linear whose output features are split across tensor-parallel ranks."""

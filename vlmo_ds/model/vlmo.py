@@ -45,7 +45,9 @@ class VLMo(nn.Module):
         if cfg.rel_pos:
             local_heads = layers.local(cfg.heads, "heads")
             rows = rp.num_rows(cfg.window, cfg.table_text_len)
-            self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, cfg.depth * local_heads))
+            # [rows, depth * local heads]: layer l's columns are [l*h, (l+1)*h) for this rank's h heads.
+            self.relative_position_bias_table = layers.shard_parameter(
+                nn.Parameter(torch.zeros(rows, cfg.depth * local_heads)), dim=1)
             # Derived from the config, never saved: the published files' copies are ignored on import.
             self.register_buffer("image_index", rp.image_index(cfg.window), persistent=False)
             self.register_buffer("text_index", rp.text_index(cfg.max_text_len, cfg.window, cfg.table_text_len),

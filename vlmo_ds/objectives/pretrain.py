@@ -33,8 +33,12 @@ class LossWeights:
 
 
 def image_text_losses(model: VLMo, batch: dict, weights: LossWeights, seed: int, group=None,
-                      itc_local_rows: bool = False) -> dict[str, torch.Tensor]:
-    """{"loss": weighted total, "itc", "itm", "mlm" and accuracies}; seed picks the ITM negatives of this step."""
+                      itc_local_rows: bool = False, tp_group=None) -> dict[str, torch.Tensor]:
+    """{"loss": weighted total, "itc", "itm", "mlm" and accuracies}; seed picks the ITM negatives of this step.
+
+    group: the data-parallel group (ITC and ITM gathers); tp_group: the tensor-parallel group of a model built with
+    vocabulary-parallel MLM logits (None: whole logits).
+    """
     image, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
     b = ids.shape[0]
     out: dict[str, torch.Tensor] = {}
@@ -60,7 +64,7 @@ def image_text_losses(model: VLMo, batch: dict, weights: LossWeights, seed: int,
         fused = model.encode_pair(*(torch.cat(column) for column in zip(*parts)))
         if weights.mlm:
             out["mlm"], out["mlm_acc"] = masked_lm_loss(fused[:b, : ids.shape[1]], batch["mlm_labels"],
-                                                        model.mlm_logits)
+                                                        model.mlm_logits, tp_group)
             total = total + weights.mlm * out["mlm"]
             fused = fused[b:]
         if weights.itm:
@@ -70,10 +74,10 @@ def image_text_losses(model: VLMo, batch: dict, weights: LossWeights, seed: int,
     return out
 
 
-def text_mlm_losses(model: VLMo, batch: dict) -> dict[str, torch.Tensor]:
-    """Text-only masked language modelling (stage 2): text experts only."""
+def text_mlm_losses(model: VLMo, batch: dict, tp_group=None) -> dict[str, torch.Tensor]:
+    """Text-only masked language modelling (stage 2): text experts only; tp_group as in image_text_losses."""
     hidden = model.encode_text(batch["mlm_ids"], batch["text_mask"]).hidden
-    loss, accuracy = masked_lm_loss(hidden, batch["mlm_labels"], model.mlm_logits)
+    loss, accuracy = masked_lm_loss(hidden, batch["mlm_labels"], model.mlm_logits, tp_group)
     return {"loss": loss, "mlm": loss, "mlm_acc": accuracy}
 
 

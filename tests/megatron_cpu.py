@@ -1,0 +1,69 @@
+"""Test setup for megatron-core on CPU processes (gloo): runtime shims and parallel-state set-up inside a worker.
+
+megatron-core assumes CUDA in a few places that the tensor-parallel layers with use_cpu_initialization avoid, but its
+RNG tracker (dropout in its own modules, its activation checkpointing) and pipeline/p2p code ask for CUDA devices and
+CUDA RNG states. These shims replace exactly those calls, in the test process only; the product never imports this.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import random as megatron_random
+
+
+class CpuRNGTracker:
+    """megatron's CudaRNGStatesTracker interface (add / fork / get_states / set_states / reset) over torch's CPU
+    generator: fork(name) runs its block with the named stream and restores the default stream after."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+
+    def is_initialized(self) -> bool:
+        return bool(self.states_)
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        if name in self.states_:
+            raise ValueError(f"RNG state {name} already exists")
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = megatron_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise ValueError(f"RNG state {name} was not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def install_cpu_shims() -> None:
+    """torch.cuda.current_device -> "cpu" and a CPU RNG tracker as megatron's tracker (idempotent)."""
+    torch.cuda.current_device = lambda: "cpu"
+    if not isinstance(megatron_random._CUDA_RNG_STATE_TRACKER, CpuRNGTracker):
+        megatron_random._CUDA_RNG_STATE_TRACKER = CpuRNGTracker()
+        megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def init_megatron(tensor: int = 1, pipeline: int = 1) -> None:
+    """Inside a gloo worker whose default process group is up: shims, then megatron's parallel state
+    (tensor x pipeline x data = world; data-parallel size is what is left)."""
+    if not dist.is_initialized():
+        raise RuntimeError("init_megatron needs torch.distributed initialised first (tests/distributed.run_ranks)")
+    install_cpu_shims()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor,
+                                             pipeline_model_parallel_size=pipeline)
