@@ -25,6 +25,7 @@ from vlmo_ds.data.synthetic.questions import sample_question
 from vlmo_ds.data.synthetic.render import render
 from vlmo_ds.data.synthetic.scene import (
     COLORS,
+    SHAPES,
     Composition,
     Part,
     Scene,
@@ -99,8 +100,8 @@ def test_two_workers_write_the_same_bytes(small_set: Path, tmp_path: Path) -> No
 
 def test_layout_members_sizes_and_manifest(small_set: Path) -> None:
     manifest = json.loads((small_set / "manifest.json").read_text())
-    assert manifest["version"] == 1 and manifest["seed"] == 0 and manifest["image_size"] == 64
-    assert manifest["counts"] == SMALL.sizes and manifest["compositions"]["total"] == 3960
+    assert manifest["version"] == 2 and manifest["seed"] == 0 and manifest["image_size"] == 64
+    assert manifest["counts"] == SMALL.sizes and manifest["compositions"]["total"] == 1662
     for split in SPLITS:
         n = SMALL.sizes[split]
         sizes = json.loads((small_set / split / "sizes.json").read_text())
@@ -155,12 +156,12 @@ def test_rewrite_removes_stale_shards_and_ensure_skips(tmp_path: Path) -> None:
 
 def test_config_errors_name_the_fix() -> None:
     with pytest.raises(ValueError, match="raise holdout_fraction"):
-        SyntheticConfig(holdout_fraction=0.1)  # holds out 397 < 1000 test images
+        SyntheticConfig(holdout_fraction=0.1)  # holds out 169 < 500 test images
     with pytest.raises(ValueError, match="images=-1"):
         SyntheticConfig(images=-1)
     with pytest.raises(ValueError, match="captions_per_image"):
         SyntheticConfig(captions_per_image=9)
-    assert SyntheticConfig().scaled(0.01).sizes["retrieval_test"] == 10
+    assert SyntheticConfig().scaled(0.01).sizes["retrieval_test"] == 5
 
 
 # ---------------------------------------------------------------- captions and held-out compositions
@@ -169,11 +170,12 @@ def test_config_errors_name_the_fix() -> None:
 def test_composition_counts_and_vocabulary() -> None:
     comps = enumerate_compositions()
     families = [c.family for c in comps]
-    assert [families.count(f) for f in ("single", "count", "relation", "pair")] == [288, 288, 2256, 1128]
-    assert len({c.key for c in comps}) == 3960
-    assert len(caption_vocabulary()) == 56
-    assert plural("cross") == "crosses" and plural("star") == "stars"
-    assert with_article("orange star") == "an orange star" and with_article("large red circle") == "a large red circle"
+    assert [families.count(f) for f in ("single", "count", "relation", "pair", "stack")] == [72, 72, 132, 66, 1320]
+    assert len({c.key for c in comps}) == 1662
+    assert len(caption_vocabulary()) == 53
+    assert not set(SHAPES) & set(caption_vocabulary())  # captions never say which shape
+    assert plural("cross") == "crosses" and plural("shape") == "shapes"
+    assert with_article("orange shape") == "an orange shape" and with_article("large red object") == "a large red object"
 
 
 def test_every_caption_names_one_composition_and_never_left_or_right() -> None:
@@ -184,9 +186,12 @@ def test_every_caption_names_one_composition_and_never_left_or_right() -> None:
         for caption in captions:
             assert owner.setdefault(caption, comp.key) == comp.key
             assert not {"left", "right"} & set(caption.split())
-    relation = Composition("relation", (Part("circle", "red"), Part("square", "blue")))
-    assert "a red circle above a blue square" in phrasings(relation)
-    assert "a blue square below a red circle" in phrasings(relation)
+    relation = Composition("relation", (Part("red"), Part("blue")))
+    assert "a red shape above a blue shape" in phrasings(relation)
+    assert "a blue object below a red object" in phrasings(relation)
+    stack = Composition("stack", (Part("red"), Part("blue"), Part("green")))
+    assert "a green shape under a blue shape under a red shape" in phrasings(stack)
+    assert "from top to bottom a red blue and green object" in phrasings(stack)
 
 
 def test_held_out_captions_are_distinct_and_unseen_in_training(small_set: Path) -> None:
@@ -221,15 +226,21 @@ def test_composition_holds_hand_cases() -> None:
         return SceneObject(shape, color, size, x, y, 0.1, COLORS[color])
 
     red_top, blue_low = obj("circle", "red", "large", 0.3, 0.25), obj("square", "blue", "small", 0.7, 0.75)
-    above = Composition("relation", (Part("circle", "red"), Part("square", "blue")))
-    below = Composition("relation", (Part("square", "blue"), Part("circle", "red")))
+    above = Composition("relation", (Part("red"), Part("blue")))
+    below = Composition("relation", (Part("blue"), Part("red")))
     assert composition_holds(above, (blue_low, red_top)) and not composition_holds(below, (red_top, blue_low))
-    single = Composition("single", (Part("circle", "red", "large"),), where="top")
+    single = Composition("single", (Part("red", "large"),), where="top")
     assert composition_holds(single, (red_top,)) and not composition_holds(single, (red_top, blue_low))
-    assert not composition_holds(Composition("single", (Part("circle", "red", "small"),), where="top"), (red_top,))
-    pair = Composition("pair", (Part("circle", "red"), Part("square", "blue")))
+    assert not composition_holds(Composition("single", (Part("red", "small"),), where="top"), (red_top,))
+    pair = Composition("pair", (Part("red"), Part("blue")))
     side = obj("square", "blue", "small", 0.75, 0.3)
     assert composition_holds(pair, (red_top, side)) and not composition_holds(pair, (red_top, blue_low))
+    stack = Composition("stack", (Part("red"), Part("green"), Part("blue")))
+    green_mid, green_near = obj("star", "green", "small", 0.5, 0.5), obj("star", "green", "small", 0.5, 0.35)
+    assert composition_holds(stack, (blue_low, green_mid, red_top))
+    assert not composition_holds(stack, (blue_low, green_near, red_top))  # 0.10 apart: not clearly above
+    assert not composition_holds(Composition("stack", (Part("green"), Part("red"), Part("blue"))),
+                                 (blue_low, green_mid, red_top))
 
 
 def test_flip_keeps_captions_true_and_mirrors_pixels() -> None:

@@ -1,7 +1,7 @@
 """Compositional captions for synthetic scenes, in several phrasings.
 
-Every phrasing of a composition names all that the composition states (shapes, colours, sizes where stated, count,
-vertical place or relation), so a caption string belongs to exactly one composition: holding out compositions holds
+Every phrasing of a composition names all that the composition states (colours, sizes where stated, count, vertical
+place or order), so a caption string belongs to exactly one composition: holding out compositions holds
 out their captions. Captions speak of top, middle, bottom, above, below and next to, never of left or right, so they
 stay true when an image is flipped horizontally.
 """
@@ -23,65 +23,84 @@ WHERE_WORDS: dict[str, tuple[str, ...]] = {
 ABOVE_WORDS = ("above", "over")
 BELOW_WORDS = ("below", "under", "beneath")
 NEXT_WORDS = ("next to", "beside")
+NOUNS = ("shape", "object")  # captions do not say which shape (see scene.py); one noun per caption
 
 
 def plural(shape: str) -> str:
-    """'cross' -> 'crosses', 'circle' -> 'circles'."""
+    """'cross' -> 'crosses', 'shape' -> 'shapes'."""
     return shape + ("es" if shape.endswith(("s", "x", "sh", "ch")) else "s")
 
 
 def with_article(phrase: str) -> str:
-    """'orange star' -> 'an orange star', 'red star' -> 'a red star'."""
+    """'orange shape' -> 'an orange shape', 'red shape' -> 'a red shape'."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _noun(part: Part, size_word: str | None = None, many: bool = False) -> str:
-    words = [size_word, part.color, plural(part.shape) if many else part.shape]
+def _noun(part: Part, noun: str, size_word: str | None = None, many: bool = False) -> str:
+    words = [size_word, part.color, plural(noun) if many else noun]
     return " ".join(w for w in words if w)
 
 
 def _single(comp: Composition) -> list[str]:
     part, out = comp.parts[0], []
-    for size_word, where in itertools.product(SIZE_WORDS[part.size], WHERE_WORDS[comp.where]):
-        thing = with_article(_noun(part, size_word))
+    for noun, size_word, where in itertools.product(NOUNS, SIZE_WORDS[part.size], WHERE_WORDS[comp.where]):
+        thing = with_article(_noun(part, noun, size_word))
         out += [
             f"{thing} {where}",
             f"there is {thing} {where}",
             f"{where} there is {thing}",
             f"a picture of {thing} {where}",
-            f"an image with one {_noun(part, size_word)} {where}",
+            f"an image with one {_noun(part, noun, size_word)} {where}",
         ]
     return out
 
 
 def _count(comp: Composition) -> list[str]:
     part, out = comp.parts[0], []
-    for size_word in SIZE_WORDS[part.size]:
-        things = f"{NUMBER_WORDS[comp.count]} {_noun(part, size_word, many=True)}"
+    for noun, size_word in itertools.product(NOUNS, SIZE_WORDS[part.size]):
+        things = f"{NUMBER_WORDS[comp.count]} {_noun(part, noun, size_word, many=True)}"
         out += [things, f"there are {things}", f"a picture of {things}", f"an image with {things}"]
     return out
 
 
 def _relation(comp: Composition) -> list[str]:
-    upper, lower = (with_article(_noun(p)) for p in comp.parts)
     out = []
-    for word in ABOVE_WORDS:
-        out += [f"{upper} {word} {lower}", f"there is {upper} {word} {lower}", f"a picture of {upper} {word} {lower}"]
-    for word in BELOW_WORDS:
-        out += [f"{lower} {word} {upper}", f"there is {lower} {word} {upper}"]
+    for noun in NOUNS:
+        upper, lower = (with_article(_noun(p, noun)) for p in comp.parts)
+        for word in ABOVE_WORDS:
+            out += [f"{upper} {word} {lower}", f"there is {upper} {word} {lower}",
+                    f"a picture of {upper} {word} {lower}"]
+        for word in BELOW_WORDS:
+            out += [f"{lower} {word} {upper}", f"there is {lower} {word} {upper}"]
     return out
 
 
 def _pair(comp: Composition) -> list[str]:
     out = []
-    for first, second in itertools.permutations(with_article(_noun(p)) for p in comp.parts):
-        out += [f"{first} and {second}", f"{first} and {second} side by side", f"a picture of {first} and {second}"]
-        out += [f"{first} {word} {second}" for word in NEXT_WORDS]
-        out.append(f"there is {first} next to {second}")
+    for noun in NOUNS:
+        for first, second in itertools.permutations(with_article(_noun(p, noun)) for p in comp.parts):
+            out += [f"{first} and {second}", f"{first} and {second} side by side",
+                    f"a picture of {first} and {second}"]
+            out += [f"{first} {word} {second}" for word in NEXT_WORDS]
+            out.append(f"there is {first} next to {second}")
     return out
 
 
-_PHRASINGS = {"single": _single, "count": _count, "relation": _relation, "pair": _pair}
+def _stack(comp: Composition) -> list[str]:
+    out = []
+    for noun in NOUNS:
+        top, middle, bottom = (with_article(_noun(p, noun)) for p in comp.parts)
+        for word in ABOVE_WORDS:
+            out += [f"{top} {word} {middle} {word} {bottom}", f"there is {top} {word} {middle} {word} {bottom}"]
+        for word in BELOW_WORDS:
+            out.append(f"{bottom} {word} {middle} {word} {top}")
+        colors = [p.color for p in comp.parts]
+        out += [f"from top to bottom {with_article(colors[0])} {colors[1]} and {colors[2]} {noun}",
+                f"from bottom to top {with_article(colors[2])} {colors[1]} and {colors[0]} {noun}"]
+    return out
+
+
+_PHRASINGS = {"single": _single, "count": _count, "relation": _relation, "pair": _pair, "stack": _stack}
 
 
 def phrasings(comp: Composition) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from vlmo_ds.data.synthetic.scene import family_sizes
 
-VERSION = 1  # bump whenever the same config would produce different bytes
+VERSION = 2  # bump whenever the same config would produce different bytes
 SPLITS: tuple[str, ...] = (
     "pretrain_pairs", "retrieval_train", "retrieval_test", "images", "text", "text_heldout",
     "vqa_train", "vqa_val", "nlvr2_train", "nlvr2_dev",
@@ -34,7 +34,7 @@ class SyntheticConfig:
     seed: int = _field(0, "seed of everything random: the same seed gives byte-identical shards")
     pretrain_pairs: int = _field(20000, "image-caption pairs for image-text pre-training (one caption each)")
     retrieval_train: int = _field(5000, "images with captions_per_image captions each, for retrieval fine-tuning")
-    retrieval_test: int = _field(1000, "held-out images, one per held-out composition: all captions new and distinct")
+    retrieval_test: int = _field(500, "held-out images, one per held-out composition: all captions new and distinct")
     images: int = _field(10000, "images alone, for masked image modelling")
     text: int = _field(10000, "text-only documents of 3 to 6 caption sentences, for masked language modelling")
     text_heldout: int = _field(1000, "documents of held-out compositions only, for text MLM on unseen sentences")
