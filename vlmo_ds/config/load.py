@@ -99,8 +99,9 @@ def check_files(cfg: RunConfig) -> None:
                                "(the quick start makes data/synthetic/tok.model) or point to a BERT vocab.txt")
     sources = [(f"stages.{i}.data.{j}.shards", src.shards)
                for i, stage in enumerate(cfg.stages) for j, src in enumerate(stage.data)]
-    if cfg.eval.retrieval is not None:
-        sources.append(("eval.retrieval", cfg.eval.retrieval))
+    for key in ("retrieval", "text_mlm"):
+        if getattr(cfg.eval, key) is not None:
+            sources.append((f"eval.{key}", getattr(cfg.eval, key)))
     for key, shards in sources:
         try:
             resolve_shards(shards)

@@ -14,6 +14,7 @@ from vlmo_ds.config.errors import ConfigError
 from vlmo_ds.config.schema import RunConfig, StageConfig
 from vlmo_ds.model.config import PRESETS, ModelConfig
 
+
 def find_stage(cfg: RunConfig, stage: int | str) -> tuple[int, StageConfig]:
     """(index, stage) for a stage index or name."""
     for index, item in enumerate(cfg.stages):
@@ -37,7 +38,8 @@ def _model_error(err: ValueError, keys: dict[str, str]) -> ConfigError:
 
 
 def model_config(cfg: RunConfig, vocab_size: int | None = None, stage: int | str | None = None) -> ModelConfig:
-    """The ModelConfig of a run, of one stage when `stage` is given (its image_size / text_len applied).
+    """The ModelConfig of a run, of one stage when `stage` is given (its image_size / text_len / mim_target applied;
+    the MIM head only in image_mim stages).
 
     vocab_size is the tokenizer's size: it replaces a recipe's "auto" and must not exceed a fixed model.vocab_size.
     """
@@ -61,6 +63,12 @@ def model_config(cfg: RunConfig, vocab_size: int | None = None, stage: int | str
                           f"set model.vocab_size={padded} (padded) or change parallel.tensor")
     if stage is not None:
         index, item = find_stage(cfg, stage)
+        # The MIM head exists only where a stage trains it: other stages neither carry nor decay it.
+        if item.kind != "image_mim":
+            fields["mim_targets"] = None
+        elif item.mim_target is not None:
+            fields["mim_targets"] = item.mim_target
+            keys["mim_targets"] = f"stages.{index}.mim_target"
         if item.image_size is not None:
             fields["image_size"] = item.image_size
             keys["image_size"] = f"stages.{index}.image_size"

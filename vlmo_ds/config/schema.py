@@ -18,10 +18,16 @@ LOSS_KEYS: dict[str, tuple[str, ...]] = {
     "image_mim": ("mim",),
 }
 
+# Parameter groups a stage's `trainable` list names; vlmo_ds.config.groups says which parameters each holds.
 TRAINABLE_GROUPS = (
     "text_embeddings", "modality_types", "attention", "image_experts", "text_experts", "vl_experts",
     "relative_position", "final_norm", "heads", "mlm_head", "itc_heads", "itm_head", "mim_head", "patch_embed",
 )
+
+# The image-only stage: everything an image passes through learns; text embeddings, text and VL experts and the
+# text heads stay as they are (the published stage 1 is BEiT, which has none of them).
+STAGE1_TRAINABLE = ("patch_embed", "modality_types", "attention", "image_experts", "relative_position", "final_norm",
+                    "mim_head")
 
 # The published text-only stage: attention and image experts stay frozen; the text expert, text embeddings, modality
 # types, relative position table, final norm and MLM head learn (shared/reference/vlmo-official.md, "Stage 2").
@@ -31,10 +37,11 @@ STAGE2_TRAINABLE = ("text_embeddings", "modality_types", "text_experts", "relati
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "image_text": {"loss_weights": {"itc": 1.0, "itm": 1.0, "mlm": 0.25}, "whole_word": False, "trainable": "all"},
     "text_mlm": {"loss_weights": {"mlm": 1.0}, "whole_word": True, "trainable": STAGE2_TRAINABLE},
-    "image_mim": {"loss_weights": {"mim": 1.0}, "whole_word": False, "trainable": "all"},
+    "image_mim": {"loss_weights": {"mim": 1.0}, "whole_word": False, "trainable": STAGE1_TRAINABLE},
 }
 
 RESUME_WORDS = ("auto", "none")
+MIM_TARGETS = ("pixels", "tokens")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +114,8 @@ class TrainSection:
     """Stop with a checkpoint this many minutes after start (for time-limited jobs); null = no limit."""
     record_samples: bool = False
     """Write the sample keys of every step to RUN_DIR/samples_rank<r>.jsonl (audits the data order across resumes)."""
+    only_stage: str | None = None
+    """Run this one stage (by name), then exit: one job per stage (`--stage NAME` sets it); null = every stage."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +128,8 @@ class EvalSection:
     """Steps between evaluations; 0 = only at the end of each stage."""
     batch: int = 64
     """Samples per rank per evaluation forward pass."""
+    text_mlm: str | None = None
+    """Held-out text shards: MLM accuracy (beside the unigram baseline) at the end of each text_mlm stage."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,7 +151,8 @@ class StageConfig:
     kind: str
     """image_text (ITC + ITM + MLM), text_mlm (text-only MLM) or image_mim (image-only masked image modelling)."""
     data: tuple[DataSource, ...]
-    """Shard sources; a recipe may give one path, or a list of paths and {shards, weight} mappings."""
+    """Shard sources; a recipe may give one path, or a list of paths and {shards, weight} mappings (mixed by weight
+    in chunks of each micro-batch)."""
     steps: int
     """Optimizer steps in this stage."""
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -158,13 +170,22 @@ class StageConfig:
     text_len: int | None = None
     """Text length of this stage; null = the model's max_text_len; at most model.table_text_len."""
     trainable: str | tuple[str, ...] = "all"
-    """"all" or a list of parameter groups (TRAINABLE_GROUPS); text_mlm defaults to the published stage-2 set."""
+    """"all" or a list of parameter groups (TRAINABLE_GROUPS); text_mlm defaults to the published stage-2 set,
+    image_mim to the image path (STAGE1_TRAINABLE). The rest is frozen: no gradient, no optimizer state."""
     mlm_prob: float = 0.15
     """Fraction of text tokens masked for MLM."""
     whole_word: bool = False
     """Mask whole words rather than single tokens (default True for text_mlm)."""
     mim_ratio: float = 0.4
     """Fraction of image patches masked (blockwise) for MIM."""
+    mim_target: str | None = None
+    """image_mim: "pixels" (normalised patch pixels) or "tokens" (visual-token ids, KEY.vtok.npy in the shards);
+    null = model.mim_targets."""
+    init_from: str | None = None
+    """Start this stage from these weights (.safetensors or a weights-only .pt/.pth state dict) instead of the
+    previous stage's; e.g. a BEiT checkpoint converted by the checkpoint tools. null = the previous stage's."""
+    init_vl_from_text: bool = False
+    """At this stage's start, copy each VL block's text expert into its VL expert (published: VL experts random)."""
     randaug: bool = True
     """RandAugment (2 ops, magnitude 7) on training images."""
     hflip: bool = True

@@ -11,9 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from vlmo_ds.config.errors import ConfigError, MissingFileError, did_you_mean
+from vlmo_ds.config.groups import expand, present_groups
 from vlmo_ds.config.plan import accumulation, model_config, model_value, warmup_steps
-from vlmo_ds.config.schema import LOSS_KEYS, RESUME_WORDS, TRAINABLE_GROUPS, RunConfig, StageConfig
-from vlmo_ds.model.config import PRESETS
+from vlmo_ds.config.schema import (
+    LOSS_KEYS,
+    MIM_TARGETS,
+    RESUME_WORDS,
+    TRAINABLE_GROUPS,
+    RunConfig,
+    StageConfig,
+)
+from vlmo_ds.model.config import PRESETS, ModelConfig
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")  # a letter first: overrides tell stages.0 from stages.name
 
@@ -158,10 +166,57 @@ def _check_stage(cfg: RunConfig, index: int, stage: StageConfig, world_size: int
         raise ConfigError(f"{key}.crop_scale: must be [low, high] with 0 < low <= high <= 1, got [{low}, {high}]")
     _positive(stage.image_size, f"{key}.image_size")
     _positive(stage.text_len, f"{key}.text_len")
-    if stage.kind == "image_mim" and model_value(cfg, "mim_targets") is None:
-        raise ConfigError(f"{key}.kind: image_mim stages need a masked-image head; set model.mim_targets=pixels "
+    _check_mim(cfg, index, stage)
+    model_cfg = model_config(cfg, _vocab_stand_in(cfg), stage=index)
+    if stage.trainable != "all":
+        _check_groups_present(key, stage, model_cfg)
+    if stage.init_from is not None and not Path(stage.init_from).is_file():
+        raise MissingFileError(f"{key}.init_from: {stage.init_from} does not exist; give a .safetensors or "
+                               "weights-only .pt state dict (a finished stage's: "
+                               "RUN_DIR/stages/NAME/weights.safetensors)")
+    if index > 0 and stage.init_from is None:
+        _check_transition(index, model_config(cfg, _vocab_stand_in(cfg), stage=index - 1), model_cfg)
+
+
+def _check_mim(cfg: RunConfig, index: int, stage: StageConfig) -> None:
+    key = f"stages.{index}"
+    if stage.mim_target is not None:
+        if stage.kind != "image_mim":
+            raise ConfigError(f"{key}.mim_target: only image_mim stages have MIM targets, this is a {stage.kind} "
+                              "stage; remove it")
+        if stage.mim_target not in MIM_TARGETS:
+            raise ConfigError(f"{key}.mim_target: must be {' or '.join(MIM_TARGETS)}, got '{stage.mim_target}'"
+                              f"{did_you_mean(stage.mim_target, MIM_TARGETS)}")
+    if stage.kind == "image_mim" and stage.mim_target is None and model_value(cfg, "mim_targets") is None:
+        raise ConfigError(f"{key}.kind: image_mim stages need a masked-image head; set {key}.mim_target=pixels "
                           "(or tokens, with visual-token ids in the shards)")
-    model_config(cfg, _vocab_stand_in(cfg), stage=index)
+
+
+def _check_groups_present(key: str, stage: StageConfig, model_cfg: ModelConfig) -> None:
+    """Each listed group must name parameters of this stage's model; only relative_position may be empty (a model
+    with absolute positions has no table, and the default trainable sets name it)."""
+    present = present_groups(model_cfg)
+    may_be_empty = set() if model_cfg.rel_pos else {"relative_position"}
+    for group in stage.trainable:
+        members = expand([group])
+        if not members & present and not members <= may_be_empty:
+            why = " (the MIM head exists only in image_mim stages)" if group == "mim_head" else ""
+            raise ConfigError(f"{key}.trainable: group '{group}' names no parameter of this stage's model{why}; "
+                              "remove it")
+    if not expand(stage.trainable) & present:
+        raise ConfigError(f"{key}.trainable: names no parameter of this stage's model; add a group that trains")
+
+
+def _check_transition(index: int, before: ModelConfig, after: ModelConfig) -> None:
+    """A stage starts from the previous stage's weights: every shape change between the two needs a resize rule
+    (vlmo_ds.train.transition). The relative table needs none for text (its text rows are sized by
+    model.table_text_len) and has BEiT's interpolation for images; absolute image positions are interpolated;
+    absolute text positions can be cut, not grown."""
+    if not after.rel_pos and after.max_text_len > before.max_text_len:
+        raise ConfigError(f"stages.{index}.text_len: {after.max_text_len} is longer than stages.{index - 1}'s "
+                          f"{before.max_text_len}, and absolute text positions (model.rel_pos=false) have no rule to "
+                          f"grow; keep stages.{index}.text_len <= {before.max_text_len} or set "
+                          f"stages.{index}.init_from")
 
 
 def validate(cfg: RunConfig, ds: dict[str, Any], world_size: int | None = None) -> None:
@@ -189,3 +244,7 @@ def validate(cfg: RunConfig, ds: dict[str, Any], world_size: int | None = None) 
                               f"(also stages.{names[stage.name]}.name); give each stage a unique name")
         names[stage.name] = index
         _check_stage(cfg, index, stage, world_size)
+    only = cfg.train.only_stage
+    if only is not None and only not in names:
+        raise ConfigError(f"train.only_stage: no stage '{only}'{did_you_mean(only, names)}; stages: "
+                          f"{', '.join(names)}")

@@ -1,9 +1,17 @@
-"""`python -m vlmo_ds.train RECIPE [key=value ...]` under any launcher (none, torchrun, deepspeed, srun, mpirun).
+"""`python -m vlmo_ds.train RECIPE [key=value ...] [--stage NAME]` under any launcher (none, torchrun, deepspeed, srun,
+mpirun).
 
-RECIPE is a YAML file or the name of a shipped recipe (tiny, base, large). Overrides use dotted keys:
+RECIPE is a YAML file or the name of a shipped recipe (tiny, tiny_stagewise, base, large). Overrides use dotted keys:
     python -m vlmo_ds.train tiny optim.lr=5e-4 stages.0.steps=200 train.resume=none
     torchrun --nproc_per_node 8 -m vlmo_ds.train large parallel.zero_stage=3
 The recipe is validated before any process group starts: a bad value exits with one line naming the key.
+
+Stages run in order in one job, each starting from the previous one's final weights (RUN_DIR/stages/NAME/); a
+killed or time-limited job continues where it stopped when started again (train.resume=auto), and a finished stage
+never runs again. For one job per stage, give each job its stage; a job whose stage is finished does nothing:
+    sbatch ... python -m vlmo_ds.train base --stage image_mim
+    sbatch --dependency=afterok:$JOB1 ... python -m vlmo_ds.train base --stage text_mlm
+    sbatch --dependency=afterok:$JOB2 ... python -m vlmo_ds.train base --stage image_text
 """
 from __future__ import annotations
 
@@ -15,13 +23,16 @@ import torch.distributed as dist
 
 from vlmo_ds.config import ConfigError, check_files, load_config
 from vlmo_ds.parallel.launch import discover, init_distributed
+from vlmo_ds.train.schedule import plan_run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vlmo_ds.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="a recipe YAML file, or a shipped recipe name (tiny, base, large)")
+    p.add_argument("recipe", help="a recipe YAML file, or a shipped recipe name (tiny, tiny_stagewise, base, large)")
     p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys (optim.lr=1e-4)")
+    p.add_argument("--stage", metavar="NAME", default=None,
+                   help="run this one stage, then exit (the same as train.only_stage=NAME): one job per stage")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -30,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         env = discover()
-        cfg = load_config(args.recipe, args.overrides, world_size=env.world_size)
+        overrides = args.overrides + ([f"train.only_stage={args.stage}"] if args.stage else [])
+        cfg = load_config(args.recipe, overrides, world_size=env.world_size)
         check_files(cfg)
+        plan_run(cfg)  # stage order and run-folder state: a stage that cannot start is one line, not a traceback
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"vlmo_ds.train: {err}", file=sys.stderr)
         return 2

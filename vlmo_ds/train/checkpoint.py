@@ -1,7 +1,8 @@
 """Checkpoints that are never half-written, and finding the one to resume from.
 
 Layout under RUN_DIR/checkpoints/:
-    step_00001200/            one checkpoint: DeepSpeed's files + trainer.json (global) + rank_<r>.pt (per rank)
+    step_00001200/            one checkpoint: DeepSpeed's files + trainer.json (global) + rank_<r>.pt (per rank);
+                              the number is the global step (all stages so far), trainer.json names the stage
     step_00001200.tmp/        a save in progress (or killed mid-way): never resumed from, removed on the next start
     latest                    the name of the newest complete checkpoint; moved last, atomically
 A save writes everything under the .tmp name, waits for every rank, then rank 0 renames the folder and only then
@@ -120,6 +121,27 @@ def find_resume(run_dir: str | Path, resume: str) -> Path | None:
     complete = sorted(p for p in root.iterdir() if is_complete(p))
     newest = complete[-1] if complete else None
     return newest if candidate is None or (newest and newest.name > candidate.name) else candidate
+
+
+def stage_of(path: Path) -> str | None:
+    """The stage a complete checkpoint belongs to (trainer.json "stage"); None if it names none."""
+    return json.loads((path / TRAINER_FILE).read_text()).get("stage")
+
+
+def newest_of_stage(run_dir: str | Path, stage: str) -> Path | None:
+    """The newest complete checkpoint of `stage` in the run folder (names sort by global step), None if none."""
+    root = root_of(run_dir)
+    found = [p for p in root.iterdir() if is_complete(p) and stage_of(p) == stage] if root.is_dir() else []
+    return max(found, key=lambda p: p.name) if found else None
+
+
+def remove_stages(run_dir: str | Path, stages: set[str]) -> list[Path]:
+    """Rank 0: delete the checkpoints of these stages (stale once an earlier stage starts again)."""
+    root = root_of(run_dir)
+    doomed = [p for p in root.iterdir() if is_complete(p) and stage_of(p) in stages] if root.is_dir() else []
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
 
 
 def remove_partial(run_dir: str | Path) -> None:

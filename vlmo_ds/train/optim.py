@@ -20,10 +20,12 @@ def decays(name: str, param: torch.Tensor) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups over the trainable parameters (frozen ones get no optimizer state at all)."""
+    """AdamW groups (decay, no_decay) over the trainable parameters: frozen ones get no optimizer state at all. A
+    group left empty by freezing is omitted (DeepSpeed's ZeRO optimizers cannot flatten an empty group)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay, "name": "decay"},
-            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay, "name": "decay"},
+              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0, "name": "no_decay"}]
+    return [group for group in groups if group["params"]]
 
 
 def warmup_steps(warmup: float | int, total: int) -> int:

@@ -2,7 +2,8 @@
 
     image_text  image-text pairs: ITC (both paths) + ITM with hard negatives + MLM, fused passes batched
     text_mlm    text-only documents: masked language modelling through the text experts
-    image_mim   images alone: masked image modelling through the image experts
+    image_mim   images alone: masked image modelling through the image experts (pixel or visual-token targets)
+A stage with several data sources mixes them by weight (vlmo_ds.train.mixing).
 """
 from __future__ import annotations
 
@@ -15,34 +16,45 @@ from vlmo_ds.data.pipelines import image_loader, image_text_loader, text_loader
 from vlmo_ds.data.tokenizer import Tokenizer
 from vlmo_ds.data.transforms import build_image_transform
 from vlmo_ds.model.config import ModelConfig
+from vlmo_ds.model.flops import image_text_step_flops, patch_embed_flops, unimodal_flops
 from vlmo_ds.objectives.pretrain import LossWeights, image_mim_losses, image_text_losses, text_mlm_losses
+from vlmo_ds.train.mixing import MixedLoader, chunks_per_batch, source_seed, worker_shares
 
 LossFn = Callable[..., dict]
-
-
-def shard_source(stage) -> str:
-    """A stage's data: one shard source (a folder or a brace pattern)."""
-    if len(stage.data) > 1:
-        raise ValueError(f"stage {stage.name!r} lists {len(stage.data)} data sources; this version reads one per "
-                         "stage (mixing several by weight comes with the stage scheduler)")
-    return stage.data[0].shards
+Loader = StreamLoader | MixedLoader
 
 
 def build_loader(stage, model_cfg: ModelConfig, tokenizer: Tokenizer, *, micro_batch: int, dp_rank: int,
-                 dp_size: int, num_workers: int, open_shards: int, seed: int) -> StreamLoader:
-    common = dict(dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers, open_shards=open_shards, seed=seed,
-                  batches_per_epoch=None)
-    source = shard_source(stage)
+                 dp_size: int, num_workers: int, open_shards: int, seed: int) -> Loader:
+    """The stage's training batches: one StreamLoader for one source, a MixedLoader over several (by weight)."""
+    sources = stage.data
+    if len(sources) == 1:
+        return _source_loader(stage, model_cfg, tokenizer, sources[0].shards, batch_size=micro_batch,
+                              dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers, open_shards=open_shards,
+                              seed=seed)
+    weights = [source.weight for source in sources]
+    chunks = chunks_per_batch(micro_batch)
+    loaders = [_source_loader(stage, model_cfg, tokenizer, source.shards, batch_size=micro_batch // chunks,
+                              dp_rank=dp_rank, dp_size=dp_size, num_workers=workers, open_shards=open_shards,
+                              seed=source_seed(seed, j))
+               for j, (source, workers) in enumerate(zip(sources, worker_shares(num_workers, weights)))]
+    return MixedLoader(loaders, weights, chunks=chunks, seed=seed, dp_rank=dp_rank)
+
+
+def _source_loader(stage, model_cfg: ModelConfig, tokenizer: Tokenizer, source: str, *, batch_size: int,
+                   **common) -> StreamLoader:
+    common["batches_per_epoch"] = None
     if stage.kind == "image_text":
         transform = _train_transform(stage, model_cfg)
         hook = TextMasking.for_tokenizer(tokenizer, stage.mlm_prob, stage.whole_word)
-        return image_text_loader(source, tokenizer, transform, batch_size=micro_batch,
+        return image_text_loader(source, tokenizer, transform, batch_size=batch_size,
                                  text_len=model_cfg.max_text_len, batch_hook=hook, **common)
     if stage.kind == "text_mlm":
         hook = TextMasking.for_tokenizer(tokenizer, stage.mlm_prob, stage.whole_word)
-        return text_loader(source, tokenizer, batch_size=micro_batch, text_len=model_cfg.max_text_len,
+        return text_loader(source, tokenizer, batch_size=batch_size, text_len=model_cfg.max_text_len,
                            batch_hook=hook, **common)
-    return image_loader(source, _train_transform(stage, model_cfg), batch_size=micro_batch,
+    vtok_len = model_cfg.num_patches if model_cfg.mim_targets == "tokens" else None  # ids read from KEY.vtok.npy
+    return image_loader(source, _train_transform(stage, model_cfg), batch_size=batch_size, vtok_len=vtok_len,
                         batch_hook=PatchMasking(model_cfg.window, stage.mim_ratio), **common)
 
 
@@ -80,3 +92,20 @@ def samples_and_tokens(stage, model_cfg: ModelConfig, batch: int) -> tuple[int, 
     if stage.kind == "text_mlm":
         return batch, batch * model_cfg.max_text_len
     return batch, batch * model_cfg.image_len
+
+
+def step_flops(stage, model_cfg: ModelConfig, batch: int) -> int:
+    """Analytic FLOPs of one optimizer step over `batch` samples (forward + backward = 3x forward; the backward of a
+    stage with frozen parameters skips their weight gradients, so its count is an upper bound)."""
+    if stage.kind == "image_text":
+        weights = LossWeights(**stage.loss_weights)
+        return image_text_step_flops(model_cfg, batch, mlm=bool(weights.mlm), itm=bool(weights.itm),
+                                     mlm_ratio=stage.mlm_prob)
+    d = model_cfg.dim
+    if stage.kind == "text_mlm":
+        head = int(batch * model_cfg.max_text_len * stage.mlm_prob) * 2 * (d * d + d * model_cfg.vocab_size)
+        return 3 * (batch * unimodal_flops(model_cfg, model_cfg.max_text_len, False) + head)
+    out = model_cfg.mim_vocab_size if model_cfg.mim_targets == "tokens" else model_cfg.patch_size ** 2 * 3
+    head = int(batch * model_cfg.num_patches * stage.mim_ratio) * 2 * d * out
+    return 3 * (batch * unimodal_flops(model_cfg, model_cfg.image_len, False) + head) \
+        + 2 * batch * patch_embed_flops(model_cfg)

@@ -1,0 +1,289 @@
+"""One stage of a recipe on DeepSpeed: its model, trainable set, engine, loader and step loop; checkpoints, exact
+resume, evaluations, and the stage checkpoint it leaves for the next stage.
+
+Per optimizer step: the learning rate from the stage's schedule; `accumulation` micro-batches, each one forward
+through the engine (VLMo.forward runs the stage's loss function), engine.backward and engine.step (DeepSpeed steps
+the optimizer on the accumulation boundary, clips and averages gradients over the data-parallel group).
+Steps are numbered globally across stages (stage i's first step is 1 + the steps of the stages before it), so
+metrics.jsonl, TensorBoard and checkpoint names run on one axis; trainer.json also keeps the step inside the stage.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmo_ds.config import RunConfig, deepspeed_config, model_config, stage_plan
+from vlmo_ds.data.tokenizer import Tokenizer
+from vlmo_ds.eval.metrics import format_table
+from vlmo_ds.eval.retrieval import evaluate_retrieval
+from vlmo_ds.model.published import read_state_dict
+from vlmo_ds.model.vlmo import VLMo
+from vlmo_ds.parallel.launch import DistEnv, describe
+from vlmo_ds.train import checkpoint, stage_record
+from vlmo_ds.train.engine import build_engine, compute_dtype, set_lr
+from vlmo_ds.train.freeze import apply_trainable
+from vlmo_ds.train.metrics import MetricsLogger
+from vlmo_ds.train.optim import lr_at
+from vlmo_ds.train.peak import peak_flops
+from vlmo_ds.train.stages import build_loader, loss_function, samples_and_tokens, step_flops
+from vlmo_ds.train.step import grad_norm_before_step, mean_over_ranks, past_deadline, to_device
+from vlmo_ds.train.text_eval import evaluate_text_mlm, held_out_batches
+from vlmo_ds.train.transition import copy_text_to_vl, load_start_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What every stage of one run shares."""
+
+    cfg: RunConfig
+    env: DistEnv
+    device: torch.device
+    tokenizer: Tokenizer
+    dp_size: int
+    started: float
+    """time.monotonic() at the run's start (train.deadline_minutes counts from it)."""
+    peak: float | None = None
+    """Peak FLOP/s of the device for MFU (measured once, by the first stage)."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+
+@dataclass
+class StageOutcome:
+    """What one stage run returns."""
+
+    name: str
+    step: int
+    """Global steps completed when the stage run ended."""
+    finished: bool
+    """False when the time limit stopped it inside the stage."""
+    final: dict[str, float] | None
+    """The last step's data-parallel mean of each loss (None when no step ran in this process)."""
+    retrieval: dict[str, Any] | None
+    text_mlm: dict[str, float] | None
+
+
+def step_offset(cfg: RunConfig, index: int) -> int:
+    """Global steps before stage `index`."""
+    return sum(stage.steps for stage in cfg.stages[:index])
+
+
+def build_model(cfg: RunConfig, vocab_size: int, index: int) -> VLMo:
+    """Stage `index`'s model, initialised after seeding torch, numpy and random with seed + index, so a stage starts
+    alike whether it follows the previous stage in one process or starts a job of its own."""
+    seed = cfg.seed + index
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return VLMo(model_config(cfg, vocab_size, stage=index))
+
+
+def start_model(ctx: RunContext, index: int, weights: Path | None) -> VLMo:
+    """The model of a stage starting afresh: initialised, then filled from `weights` (None: initialisation only)."""
+    stage = ctx.cfg.stages[index]
+    model = build_model(ctx.cfg, ctx.tokenizer.vocab_size, index)
+    if weights is not None:
+        report = load_start_weights(model, read_state_dict(weights), stage_record.weights_config(weights))
+        if ctx.env.rank == 0:
+            log.info("stage %s starts from %s%s%s%s", stage.name, weights,
+                     f" | re-sized: {'; '.join(report.resized)}" if report.resized else "",
+                     f" | kept initialised: {len(report.kept_init)} entries" if report.kept_init else "",
+                     f" | left out: {', '.join(report.left_out)}" if report.left_out else "")
+    if stage.init_vl_from_text:
+        blocks = copy_text_to_vl(model)
+        if ctx.env.rank == 0:
+            log.info("stage %s: VL experts of %d blocks copied from the text experts", stage.name, blocks)
+    return model
+
+
+class StageRunner:
+    """Runs stage `index` from a fresh start (`weights`) or from a checkpoint inside it (`resume_from`)."""
+
+    def __init__(self, ctx: RunContext, index: int, resume_from: Path | None, weights: Path | None) -> None:
+        cfg, env = ctx.cfg, ctx.env
+        self.ctx, self.index, self.stage = ctx, index, cfg.stages[index]
+        self.plan = stage_plan(cfg, index, ctx.dp_size)
+        self.model_cfg = model_config(cfg, ctx.tokenizer.vocab_size, stage=index)
+        model = build_model(cfg, ctx.tokenizer.vocab_size, index) if resume_from else start_model(ctx, index, weights)
+        trainable = apply_trainable(model, self.stage.trainable)
+        ds_config = deepspeed_config(cfg, ctx.dp_size, stage=index)
+        self.engine = build_engine(model.to(ctx.device), ds_config, self.plan.lr, cfg.optim.betas, cfg.optim.eps,
+                                   cfg.optim.weight_decay)
+        self.dtype = compute_dtype(self.engine)
+        self.loader = build_loader(self.stage, self.model_cfg, ctx.tokenizer, micro_batch=self.plan.micro_batch,
+                                   dp_rank=env.rank, dp_size=ctx.dp_size, num_workers=cfg.train.num_workers,
+                                   open_shards=cfg.train.open_shards, seed=cfg.seed)
+        self.loss_fn = loss_function(self.stage, cfg.parallel.itc_local_rows)
+        self.offset = step_offset(cfg, index)
+        self.start = 0
+        if resume_from is not None:
+            trainer_state, rank_state = checkpoint.load(self.engine, resume_from, env.rank)
+            self.loader.load_state_dict(rank_state["loader"])
+            self.start = trainer_state.get("stage_step", trainer_state["step"] - self.offset)
+        if env.rank == 0:
+            log.info("stage %d/%d %s (%s) | %s | ZeRO stage %d, %s | %.2fM of %.2fM parameters train (%s) | "
+                     "%d micro x %d accumulation x %d ranks = %d per step | steps %d-%d%s", index + 1,
+                     len(cfg.stages), self.stage.name, self.stage.kind, describe(env),
+                     ds_config["zero_optimization"]["stage"], cfg.precision, trainable.trainable / 1e6,
+                     (trainable.trainable + trainable.frozen) / 1e6, ", ".join(trainable.groups),
+                     self.plan.micro_batch, self.plan.accumulation, ctx.dp_size, self.plan.global_batch,
+                     self.offset + 1, self.offset + self.stage.steps,
+                     f" | resumed at step {self.offset + self.start} from {resume_from}" if resume_from else "")
+
+    def lr(self, stage_step: int) -> float:
+        plan = self.plan
+        return lr_at(stage_step, self.stage.steps, plan.lr, plan.warmup_steps, plan.end_lr)
+
+    def run(self) -> StageOutcome:
+        ctx, stage = self.ctx, self.stage
+        samples, tokens = samples_and_tokens(stage, self.model_cfg, self.plan.global_batch)
+        flops = step_flops(stage, self.model_cfg, self.plan.global_batch)
+        if ctx.peak is None:
+            ctx.peak = peak_flops(ctx.device, self.dtype)
+        # resume_step is the stage's first global step even on a fresh start: metric lines an earlier, killed
+        # attempt wrote past it are dropped (read_metrics) and hidden (TensorBoard's purge_step).
+        with MetricsLogger(ctx.run_dir, enabled=ctx.env.rank == 0, total_steps=self.offset + stage.steps,
+                           flops_per_step=flops, peak_flops=ctx.peak,
+                           samples_per_step=samples, tokens_per_step=tokens, log_interval=ctx.cfg.train.log_every,
+                           resume_step=self.offset + self.start, stage=stage.name) as metrics:
+            self.metrics = metrics
+            done, final = self._loop()
+            finished = done == stage.steps
+            retrieval = text_mlm = None
+            if finished:
+                retrieval, text_mlm = self._final_evaluations()
+        if finished:
+            self._write_record(final, retrieval, text_mlm)
+        outcome = StageOutcome(stage.name, self.offset + done, finished, final, retrieval, text_mlm)
+        self.close()
+        return outcome
+
+    def _loop(self) -> tuple[int, dict[str, float] | None]:
+        """Steps from self.start to the stage's end or the deadline: (stage steps done, last step's losses)."""
+        cfg, stage = self.ctx.cfg, self.stage
+        batches = iter(self.loader)
+        final = None
+        sample_log = open(self.ctx.run_dir / f"samples_rank{self.ctx.env.rank}.jsonl", "a") \
+            if cfg.train.record_samples else None
+        try:
+            for step in range(self.start, stage.steps):
+                final, keys = self._step(step, batches)
+                at = self.offset + step + 1
+                if sample_log:
+                    sample_log.write(json.dumps({"step": at, "keys": keys}) + "\n")
+                    sample_log.flush()
+                out_of_time = past_deadline(self.ctx.started, cfg.train.deadline_minutes, self.ctx.device)
+                last = step + 1 == stage.steps or out_of_time
+                if (step + 1) % cfg.train.ckpt_every == 0 or last:
+                    checkpoint.save(self.engine, self.ctx.run_dir, at,
+                                    {"step": at, "stage": stage.name, "stage_step": step + 1},
+                                    {"loader": self.loader.state_dict()}, self.ctx.env.rank, cfg.train.keep_last)
+                    self.metrics.reset_timer()
+                if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
+                    self._retrieval(at)
+                if out_of_time:
+                    log.warning("train.deadline_minutes=%s reached at step %d: checkpoint written, stopping; run "
+                                "the same command again to continue", cfg.train.deadline_minutes, at)
+                    return step + 1, final
+        finally:
+            if sample_log:
+                sample_log.close()
+        return stage.steps, final
+
+    def _step(self, step: int, batches) -> tuple[dict[str, float], list[str]]:
+        """One optimizer step (stage step `step`, 0-based): returns the ranks' mean losses and the sample keys."""
+        engine, accumulation = self.engine, self.plan.accumulation
+        at = self.offset + step + 1
+        set_lr(engine, self.lr(step))
+        accumulated: dict[str, torch.Tensor] = {}
+        keys: list[str] = []
+        grad_norm = None
+        for micro_step in range(accumulation):
+            with self.metrics.data_wait():
+                raw = next(batches)
+            keys += raw["key"]
+            batch = to_device(raw, self.ctx.device, self.dtype)
+            seed = (self.ctx.cfg.seed * 1_000_003 + at - 1) * accumulation + micro_step  # ITM negatives
+            out = engine(self.loss_fn, batch, seed, None)
+            engine.backward(out["loss"])
+            if micro_step == accumulation - 1:
+                grad_norm = grad_norm_before_step(engine)
+            engine.step()
+            for name, value in out.items():
+                accumulated[name] = accumulated.get(name, 0) + value.detach() / accumulation
+        scalars = mean_over_ranks(accumulated)
+        grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
+        logged = {f"train/{k}": v for k, v in scalars.items()}
+        logged["opt/lr"] = self.lr(step)
+        if grad_norm is not None:
+            logged["opt/grad_norm"] = float(grad_norm)
+        logged.update({f"data/skipped_{k}": float(v) for k, v in self.loader.skipped.items()})
+        self.metrics.log(at, logged, self.stage.name)
+        self.metrics.step_done(at)
+        return scalars, keys
+
+    def _retrieval(self, at: int) -> dict[str, Any] | None:
+        """Zero-shot retrieval (image_text stages, eval.retrieval set): logged at global step `at`."""
+        ctx = self.ctx
+        if not ctx.cfg.eval.retrieval or self.stage.kind != "image_text":
+            return None
+        found = evaluate_retrieval(self.engine, ctx.cfg.eval.retrieval, ctx.tokenizer, self.model_cfg.image_size,
+                                   self.model_cfg.max_text_len, batch_size=ctx.cfg.eval.batch, rank=ctx.env.rank,
+                                   world_size=ctx.env.world_size, device=ctx.device)
+        if ctx.env.rank == 0:
+            self.metrics.log(at, {f"eval/{k}": v for k, v in found.items() if isinstance(v, (int, float))},
+                             self.stage.name)
+            log.info("retrieval at step %d on %s:\n%s", at, ctx.cfg.eval.retrieval, format_table(found))
+        self.metrics.reset_timer()
+        return found
+
+    def _text_mlm(self, at: int) -> dict[str, float] | None:
+        """MLM accuracy on eval.text_mlm beside the unigram baseline (text_mlm stages)."""
+        ctx, stage = self.ctx, self.stage
+        if not ctx.cfg.eval.text_mlm or stage.kind != "text_mlm":
+            return None
+        batches = held_out_batches(ctx.cfg.eval.text_mlm, ctx.tokenizer, self.model_cfg.max_text_len,
+                                   ctx.cfg.eval.batch, stage.mlm_prob, stage.whole_word)
+        found = evaluate_text_mlm(self.engine, batches, self.model_cfg.vocab_size, rank=ctx.env.rank,
+                                  world_size=ctx.env.world_size, device=ctx.device)
+        if ctx.env.rank == 0:
+            self.metrics.log(at, {"eval/text_mlm_acc": found["accuracy"],
+                                  "eval/text_mlm_unigram_acc": found["unigram"]}, stage.name)
+            log.info("text MLM on held-out text (%s, %d masked tokens): accuracy %.4f, unigram baseline %.4f",
+                     ctx.cfg.eval.text_mlm, found["masked"], found["accuracy"], found["unigram"])
+        self.metrics.reset_timer()
+        return found
+
+    def _final_evaluations(self) -> tuple[dict[str, Any] | None, dict[str, float] | None]:
+        at = self.offset + self.stage.steps
+        return self._retrieval(at), self._text_mlm(at)
+
+    def _write_record(self, final, retrieval, text_mlm) -> None:
+        ctx, stage = self.ctx, self.stage
+        state = stage_record.full_state_dict(self.engine)
+        record = {"name": stage.name, "kind": stage.kind, "index": self.index, "steps": stage.steps,
+                  "global_step": self.offset + stage.steps, "final": final, "retrieval": retrieval,
+                  "text_mlm": text_mlm, "time": time.time()}
+        path = stage_record.write_record(ctx.run_dir, stage.name, state, self.model_cfg, record, ctx.env.rank)
+        if ctx.env.rank == 0:
+            log.info("stage %s finished: weights in %s", stage.name, path)
+
+    def close(self) -> None:
+        """Free the engine (the next stage builds its own) and the loader's workers."""
+        del self.engine, self.loader
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

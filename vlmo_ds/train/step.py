@@ -1,0 +1,54 @@
+"""Small pieces of one training step: batches to the device, losses averaged over ranks, the gradient norm, and the
+time limit every rank agrees on."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from vlmo_ds.parallel.launch import DistEnv
+
+
+def device_of(env: DistEnv) -> torch.device:
+    return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Tensors moved to `device`; floating-point ones (images) cast to the compute dtype."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    names = sorted(values)
+    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(names, stacked.tolist()))
+
+
+def grad_norm_before_step(engine) -> float | None:
+    """ZeRO 0 keeps no gradient norm: take it from the (already averaged) gradients before the step clips them.
+    ZeRO 1-3 report theirs after the step (get_global_grad_norm)."""
+    if engine.zero_optimization_stage() != 0:
+        return None
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+
+def past_deadline(started: float, minutes: float | None, device: torch.device) -> bool:
+    """Whether the time limit is reached, decided by rank 0 for every rank (clocks and speeds differ)."""
+    if minutes is None:
+        return False
+    flag = torch.tensor([float(time.monotonic() - started > minutes * 60)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
