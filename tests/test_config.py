@@ -282,7 +282,7 @@ def test_shipped_recipes():
     tiny = load_config("tiny")
     assert tiny.run_dir == "runs/tiny" and tiny.model.preset == "tiny"
     assert tiny.model.overrides == {"vocab_size": "auto", "patch_size": 16, "max_text_len": 16, "rel_pos": False,
-                                   "layer_scale_init": None}
+                                   "layer_scale_init": None, "drop_path_rate": 0.0}
     assert (tiny.tokenizer, tiny.eval.retrieval) == ("data/synthetic/tok.model", "data/synthetic/retrieval_test")
     assert Path(tiny.deepspeed).name == "cpu.json" and tiny.precision == "fp32"
     assert [(s.name, s.kind, s.steps) for s in tiny.stages] == [("image_text", "image_text", 2000)]

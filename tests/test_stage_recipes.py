@@ -76,7 +76,7 @@ def test_shipped_stagewise_recipes():
                                                         ("image_text", "image_text")]
     assert tiny.stages[0].trainable == STAGE1_TRAINABLE and tiny.stages[1].trainable == STAGE2_TRAINABLE
     assert tiny.stages[0].mim_target == "pixels" and tiny.eval.text_mlm == "data/synthetic/text_heldout"
-    assert (tiny.stages[1].text_len, tiny.stages[2].text_len) == (64, None)
+    assert (tiny.stages[1].text_len, tiny.stages[2].text_len) == (64, 16)
     for name in ("base", "large"):
         cfg = load_config(name, world_size=8)
         mim, text, pairs = cfg.stages

@@ -69,14 +69,15 @@ class Plan:
         return self._cycles[epoch]
 
 
-def _by_family(pool: dict[str, tuple[Composition, ...]], rng: random.Random) -> Composition:
-    """A family with equal odds, then a composition of it: the small families are not drowned by the large ones."""
-    return rng.choice(pool[rng.choice(FAMILIES)])
+def _any_composition(pool: dict[str, tuple[Composition, ...]], rng: random.Random) -> Composition:
+    """A composition of the pool, each with equal odds: training sees the families in the proportions that the
+    held-out compositions (and so retrieval_test) have them."""
+    return rng.choice([c for family in FAMILIES for c in pool[family]])
 
 
 def _mixture_scene(pool: dict[str, tuple[Composition, ...]], rng: random.Random) -> Scene:
     """Half composed scenes (from the pool), half free mixtures of one to four objects."""
-    return sample_scene(_by_family(pool, rng), rng) if rng.random() < 0.5 else sample_mixed_scene(rng)
+    return sample_scene(_any_composition(pool, rng), rng) if rng.random() < 0.5 else sample_mixed_scene(rng)
 
 
 def _jpeg(plan: Plan, scene: Scene) -> bytes:
@@ -88,7 +89,7 @@ def _json(data: dict) -> bytes:
 
 
 def _pretrain_pair(plan: Plan, rng: random.Random, index: int) -> dict[str, bytes]:
-    comp = _by_family(plan.train, rng)
+    comp = _any_composition(plan.train, rng)
     scene = sample_scene(comp, rng)
     caption = sample_captions(comp, rng)[0]
     meta = {"caption": caption, "scene": scene.to_json()}
@@ -116,7 +117,7 @@ def _image(plan: Plan, rng: random.Random, index: int) -> dict[str, bytes]:
 
 
 def _text(pool: dict[str, tuple[Composition, ...]], rng: random.Random) -> dict[str, bytes]:
-    sentences = [sample_captions(_by_family(pool, rng), rng)[0] for _ in range(rng.randint(3, 6))]
+    sentences = [sample_captions(_any_composition(pool, rng), rng)[0] for _ in range(rng.randint(3, 6))]
     return {"txt": document(sentences).encode()}
 
 
