@@ -2,7 +2,9 @@
 
 megatron-core assumes CUDA in a few places that the tensor-parallel layers with use_cpu_initialization avoid, but its
 RNG tracker (dropout in its own modules, its activation checkpointing) and pipeline/p2p code ask for CUDA devices and
-CUDA RNG states. These shims replace exactly those calls, in the test process only; the product never imports this.
+CUDA RNG states: torch.cuda.current_device() for receive buffers, torch.cuda.synchronize() after exchanging tensor
+shapes, and torch.zeros(..., device="cuda") for the schedules' token counters. These shims replace exactly those
+calls, in the test process only; the product never imports this (on GPUs the calls are the real ones).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import schedules as megatron_schedules
 from megatron.core.tensor_parallel import random as megatron_random
 
 
@@ -51,9 +54,23 @@ class CpuRNGTracker:
             torch.set_rng_state(outer)
 
 
+class _CpuTorch:
+    """torch as megatron's schedules module sees it, with torch.zeros(..., device="cuda") made on the CPU."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*size, device=None, **kwargs) -> torch.Tensor:
+        return torch.zeros(*size, device=None if device == "cuda" else device, **kwargs)
+
+
 def install_cpu_shims() -> None:
-    """torch.cuda.current_device -> "cpu" and a CPU RNG tracker as megatron's tracker (idempotent)."""
+    """torch.cuda.current_device -> "cpu", torch.cuda.synchronize -> no-op, CPU token counters in megatron's
+    schedules, and a CPU RNG tracker as megatron's tracker (idempotent)."""
     torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda device=None: None
+    megatron_schedules.torch = _CpuTorch()
     if not isinstance(megatron_random._CUDA_RNG_STATE_TRACKER, CpuRNGTracker):
         megatron_random._CUDA_RNG_STATE_TRACKER = CpuRNGTracker()
         megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
