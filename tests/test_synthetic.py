@@ -100,8 +100,8 @@ def test_two_workers_write_the_same_bytes(small_set: Path, tmp_path: Path) -> No
 
 def test_layout_members_sizes_and_manifest(small_set: Path) -> None:
     manifest = json.loads((small_set / "manifest.json").read_text())
-    assert manifest["version"] == 4 and manifest["seed"] == 0 and manifest["image_size"] == 64
-    assert manifest["counts"] == SMALL.sizes and manifest["compositions"]["total"] == 1662
+    assert manifest["version"] == 5 and manifest["seed"] == 0 and manifest["image_size"] == 64
+    assert manifest["counts"] == SMALL.sizes and manifest["compositions"]["total"] == 1057
     for split in SPLITS:
         n = SMALL.sizes[split]
         sizes = json.loads((small_set / split / "sizes.json").read_text())
@@ -156,7 +156,7 @@ def test_rewrite_removes_stale_shards_and_ensure_skips(tmp_path: Path) -> None:
 
 def test_config_errors_name_the_fix() -> None:
     with pytest.raises(ValueError, match="raise holdout_fraction"):
-        SyntheticConfig(holdout_fraction=0.1)  # holds out 169 < 500 test images
+        SyntheticConfig(holdout_fraction=0.1)  # holds out 109 < 500 test images
     with pytest.raises(ValueError, match="images=-1"):
         SyntheticConfig(images=-1)
     with pytest.raises(ValueError, match="captions_per_image"):
@@ -170,9 +170,10 @@ def test_config_errors_name_the_fix() -> None:
 def test_composition_counts_and_vocabulary() -> None:
     comps = enumerate_compositions()
     families = [c.family for c in comps]
-    assert [families.count(f) for f in ("single", "count", "relation", "pair", "stack")] == [72, 72, 132, 66, 1320]
-    assert len({c.key for c in comps}) == 1662
-    assert len(caption_vocabulary()) == 53
+    assert [families.count(f) for f in ("single", "count", "relation", "pair", "trio", "quartet")] == [
+        72, 72, 132, 66, 220, 495]
+    assert len({c.key for c in comps}) == 1057
+    assert len(caption_vocabulary()) == 52
     assert not set(SHAPES) & set(caption_vocabulary())  # captions never say which shape
     assert plural("cross") == "crosses" and plural("shape") == "shapes"
     assert with_article("orange shape") == "an orange shape" and with_article("large red object") == "a large red object"
@@ -189,9 +190,8 @@ def test_every_caption_names_one_composition_and_never_left_or_right() -> None:
     relation = Composition("relation", (Part("red"), Part("blue")))
     assert "a red shape above a blue shape" in phrasings(relation)
     assert "a blue object below a red object" in phrasings(relation)
-    stack = Composition("stack", (Part("red"), Part("blue"), Part("green")))
-    assert "a red shape over a blue shape over a green shape" in phrasings(stack)
-    assert "from top to bottom a red blue and green object" in phrasings(stack)
+    trio = Composition("trio", (Part("red"), Part("blue"), Part("green")))
+    assert "red blue and green shapes" in phrasings(trio) and "three objects green red and blue" in phrasings(trio)
 
 
 def test_held_out_captions_are_distinct_and_unseen_in_training(small_set: Path) -> None:
@@ -235,12 +235,10 @@ def test_composition_holds_hand_cases() -> None:
     pair = Composition("pair", (Part("red"), Part("blue")))
     side = obj("square", "blue", "small", 0.75, 0.3)
     assert composition_holds(pair, (red_top, side)) and not composition_holds(pair, (red_top, blue_low))
-    stack = Composition("stack", (Part("red"), Part("green"), Part("blue")))
-    green_mid, green_near = obj("star", "green", "small", 0.5, 0.5), obj("star", "green", "small", 0.5, 0.35)
-    assert composition_holds(stack, (blue_low, green_mid, red_top))
-    assert not composition_holds(stack, (blue_low, green_near, red_top))  # 0.10 apart: not clearly above
-    assert not composition_holds(Composition("stack", (Part("green"), Part("red"), Part("blue"))),
-                                 (blue_low, green_mid, red_top))
+    trio = Composition("trio", (Part("red"), Part("green"), Part("blue")))
+    green = obj("star", "green", "small", 0.5, 0.5)
+    assert composition_holds(trio, (blue_low, green, red_top)) and not composition_holds(trio, (blue_low, red_top))
+    assert not composition_holds(trio, (blue_low, green, red_top, side))
 
 
 def test_flip_keeps_captions_true_and_mirrors_pixels() -> None:

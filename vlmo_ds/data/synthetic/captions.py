@@ -1,7 +1,7 @@
 """Compositional captions for synthetic scenes, in several phrasings.
 
 Every phrasing of a composition names all that the composition states (colours, sizes where stated, count, vertical
-place or order), so a caption string belongs to exactly one composition: holding out compositions holds
+place, order or set of colours), so a caption string belongs to exactly one composition: holding out compositions holds
 out their captions. Captions speak of top, middle, bottom, above, below and next to, never of left or right, so they
 stay true when an image is flipped horizontally.
 """
@@ -86,20 +86,19 @@ def _pair(comp: Composition) -> list[str]:
     return out
 
 
-def _stack(comp: Composition) -> list[str]:
-    # Stacks read from the top down only: with reversed phrasings ("... below ... below ...") as well, the tiny
-    # quick-start model confused the order of three colours in most of its misses (measured).
-    out = []
-    for noun in NOUNS:
-        top, middle, bottom = (with_article(_noun(p, noun)) for p in comp.parts)
-        for word in ABOVE_WORDS:
-            out += [f"{top} {word} {middle} {word} {bottom}", f"there is {top} {word} {middle} {word} {bottom}"]
-        colors = [p.color for p in comp.parts]
-        out.append(f"from top to bottom {with_article(colors[0])} {colors[1]} and {colors[2]} {noun}")
+def _group(comp: Composition) -> list[str]:
+    """A set of colours, named in several orders (the order carries no meaning)."""
+    colors, out = [p.color for p in comp.parts], []
+    many = NUMBER_WORDS[len(colors)]
+    for noun, turn in itertools.product(NOUNS, range(len(colors))):
+        names = colors[turn:] + colors[:turn]
+        listed = " ".join(names[:-1]) + f" and {names[-1]}"
+        out += [f"{listed} {plural(noun)}", f"{many} {plural(noun)} {listed}"]
     return out
 
 
-_PHRASINGS = {"single": _single, "count": _count, "relation": _relation, "pair": _pair, "stack": _stack}
+_PHRASINGS = {"single": _single, "count": _count, "relation": _relation, "pair": _pair, "trio": _group,
+              "quartet": _group}
 
 
 def phrasings(comp: Composition) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from vlmo_ds.data.synthetic.scene import family_sizes
 
-VERSION = 4  # bump whenever the same config would produce different bytes
+VERSION = 5  # bump whenever the same config would produce different bytes
 SPLITS: tuple[str, ...] = (
     "pretrain_pairs", "retrieval_train", "retrieval_test", "images", "text", "text_heldout",
     "vqa_train", "vqa_val", "nlvr2_train", "nlvr2_dev",
@@ -46,7 +46,7 @@ class SyntheticConfig:
     jpeg_quality: int = _field(90, "JPEG quality of the stored images")
     shard_size: int = _field(1000, "samples per tar shard")
     captions_per_image: int = _field(5, "captions per retrieval image (distinct phrasings of its composition, 1..8)")
-    holdout_fraction: float = _field(0.3, "fraction of each family's compositions held out from all training splits")
+    holdout_fraction: float = _field(0.5, "fraction of each family's compositions held out from all training splits")
 
     def __post_init__(self) -> None:
         for name in SPLITS:
