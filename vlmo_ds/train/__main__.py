@@ -12,6 +12,12 @@ never runs again. For one job per stage, give each job its stage; a job whose st
     sbatch ... python -m vlmo_ds.train base --stage image_mim
     sbatch --dependency=afterok:$JOB1 ... python -m vlmo_ds.train base --stage text_mlm
     sbatch --dependency=afterok:$JOB2 ... python -m vlmo_ds.train base --stage image_text
+(slurm/submit_stages.sh submits such a chain.)
+
+SIGUSR1 (Slurm's warning before a time limit: sbatch --signal) or SIGTERM on any rank, or train.deadline_minutes,
+makes every rank stop after the same step with a checkpoint; the exit status is then 75 (EX_TEMPFAIL) and the same
+command continues. In jobs started by slurm/ (VLMO_REQUEUE=1) rank 0 requeues the job after SIGUSR1 or the deadline.
+Exit status: 0 done, 2 bad recipe, 75 stopped early with a checkpoint.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch.distributed as dist
 
 from vlmo_ds.config import ConfigError, check_files, load_config
 from vlmo_ds.parallel.launch import discover, init_distributed
+from vlmo_ds.train.preemption import EXIT_STOPPED, StopSignals, requeue_slurm_job
 from vlmo_ds.train.schedule import plan_run
 
 
@@ -38,6 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with StopSignals() as signals:  # first: a warning that comes while the recipe is checked is not lost
+        return _run(argv, signals)
+
+
+def _run(argv: list[str] | None, signals: StopSignals) -> int:
     args = parse_args(argv)
     try:
         env = discover()
@@ -54,10 +66,20 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
     init_distributed(env)
     try:
-        train(cfg, env)
+        result = train(cfg, env, signals)
+        if result.stopped is not None:
+            if env.rank == 0 and result.stopped.requeue:
+                requeue_slurm_job()
+            if dist.is_initialized():
+                dist.barrier()  # no rank exits before the requeue: srun --kill-on-bad-exit would end the step
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if result.stopped:
+        if env.rank == 0:
+            logging.getLogger(__name__).warning("stopped early (%s) with a checkpoint in %s: exit status %d; the "
+                                                "same command continues", result.stopped, cfg.run_dir, EXIT_STOPPED)
+        return EXIT_STOPPED
     return 0
 
 

@@ -34,8 +34,9 @@ from vlmo_ds.train.freeze import apply_trainable
 from vlmo_ds.train.metrics import MetricsLogger
 from vlmo_ds.train.optim import lr_at
 from vlmo_ds.train.peak import peak_flops
+from vlmo_ds.train.preemption import Stop, StopSignals, agree_to_stop
 from vlmo_ds.train.stages import build_loader, loss_function, samples_and_tokens, step_flops
-from vlmo_ds.train.step import grad_norm_before_step, mean_over_ranks, past_deadline, to_device
+from vlmo_ds.train.step import grad_norm_before_step, mean_over_ranks, to_device
 from vlmo_ds.train.text_eval import evaluate_text_mlm, held_out_batches
 from vlmo_ds.train.transition import copy_text_to_vl, load_start_weights
 
@@ -53,6 +54,8 @@ class RunContext:
     dp_size: int
     started: float
     """time.monotonic() at the run's start (train.deadline_minutes counts from it)."""
+    signals: StopSignals | None = None
+    """The stop signals this process records (None: only train.deadline_minutes stops a run early)."""
     peak: float | None = None
     """Peak FLOP/s of the device for MFU (measured once, by the first stage)."""
 
@@ -69,11 +72,13 @@ class StageOutcome:
     step: int
     """Global steps completed when the stage run ended."""
     finished: bool
-    """False when the time limit stopped it inside the stage."""
+    """False when a stop signal or the deadline stopped it inside the stage."""
     final: dict[str, float] | None
     """The last step's data-parallel mean of each loss (None when no step ran in this process)."""
     retrieval: dict[str, Any] | None
     text_mlm: dict[str, float] | None
+    stopped: Stop | None = None
+    """Why every rank stopped after its last step (a signal, the deadline), None if nothing asked it to stop."""
 
 
 def step_offset(cfg: RunConfig, index: int) -> int:
@@ -160,19 +165,20 @@ class StageRunner:
                            samples_per_step=samples, tokens_per_step=tokens, log_interval=ctx.cfg.train.log_every,
                            resume_step=self.offset + self.start, stage=stage.name) as metrics:
             self.metrics = metrics
-            done, final = self._loop()
+            done, final, stopped = self._loop()
             finished = done == stage.steps
             retrieval = text_mlm = None
             if finished:
                 retrieval, text_mlm = self._final_evaluations()
         if finished:
             self._write_record(final, retrieval, text_mlm)
-        outcome = StageOutcome(stage.name, self.offset + done, finished, final, retrieval, text_mlm)
+        outcome = StageOutcome(stage.name, self.offset + done, finished, final, retrieval, text_mlm, stopped)
         self.close()
         return outcome
 
-    def _loop(self) -> tuple[int, dict[str, float] | None]:
-        """Steps from self.start to the stage's end or the deadline: (stage steps done, last step's losses)."""
+    def _loop(self) -> tuple[int, dict[str, float] | None, Stop | None]:
+        """Steps from self.start to the stage's end or until the ranks agree to stop (a signal, the deadline):
+        (stage steps done, last step's losses, why they stopped)."""
         cfg, stage = self.ctx.cfg, self.stage
         batches = iter(self.loader)
         final = None
@@ -185,8 +191,9 @@ class StageRunner:
                 if sample_log:
                     sample_log.write(json.dumps({"step": at, "keys": keys}) + "\n")
                     sample_log.flush()
-                out_of_time = past_deadline(self.ctx.started, cfg.train.deadline_minutes, self.ctx.device)
-                last = step + 1 == stage.steps or out_of_time
+                stop = agree_to_stop(self.ctx.signals, self.ctx.started, cfg.train.deadline_minutes,
+                                     self.ctx.device)
+                last = step + 1 == stage.steps or stop is not None
                 if (step + 1) % cfg.train.ckpt_every == 0 or last:
                     checkpoint.save(self.engine, self.ctx.run_dir, at,
                                     {"step": at, "stage": stage.name, "stage_step": step + 1},
@@ -194,14 +201,14 @@ class StageRunner:
                     self.metrics.reset_timer()
                 if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
                     self._retrieval(at)
-                if out_of_time:
-                    log.warning("train.deadline_minutes=%s reached at step %d: checkpoint written, stopping; run "
-                                "the same command again to continue", cfg.train.deadline_minutes, at)
-                    return step + 1, final
+                if stop is not None:
+                    log.warning("%s: every rank stopped after step %d with a checkpoint; the same command "
+                                "continues from it", stop, at)
+                    return step + 1, final, stop
         finally:
             if sample_log:
                 sample_log.close()
-        return stage.steps, final
+        return stage.steps, final, None
 
     def _step(self, step: int, batches) -> tuple[dict[str, float], list[str]]:
         """One optimizer step (stage step `step`, 0-based): returns the ranks' mean losses and the sample keys."""

@@ -1,8 +1,6 @@
-"""Small pieces of one training step: batches to the device, losses averaged over ranks, the gradient norm, and the
-time limit every rank agrees on."""
+"""Small pieces of one training step: batches to the device, losses averaged over ranks, the gradient norm. (When to
+stop early is vlmo_ds.train.preemption's.)"""
 from __future__ import annotations
-
-import time
 
 import torch
 import torch.distributed as dist
@@ -42,13 +40,3 @@ def grad_norm_before_step(engine) -> float | None:
         return None
     norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
-
-
-def past_deadline(started: float, minutes: float | None, device: torch.device) -> bool:
-    """Whether the time limit is reached, decided by rank 0 for every rank (clocks and speeds differ)."""
-    if minutes is None:
-        return False
-    flag = torch.tensor([float(time.monotonic() - started > minutes * 60)], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(flag, src=0)
-    return bool(flag.item())

@@ -1,5 +1,6 @@
 """The training entry point: every stage of a recipe in order (vlmo_ds.train.schedule decides which and where each
-starts; vlmo_ds.train.stage_loop runs one), handing each stage's final weights to the next."""
+starts; vlmo_ds.train.stage_loop runs one), handing each stage's final weights to the next, until the ranks agree to
+stop early (vlmo_ds.train.preemption: a stop signal or train.deadline_minutes)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from vlmo_ds.config import RunConfig
 from vlmo_ds.data.tokenizer import load_tokenizer
 from vlmo_ds.parallel.launch import DistEnv
 from vlmo_ds.train import checkpoint
+from vlmo_ds.train.preemption import Stop, StopSignals, agree_to_stop
 from vlmo_ds.train.schedule import clear_stale, plan_run, start_weights
 from vlmo_ds.train.stage_loop import RunContext, StageOutcome, StageRunner, step_offset
 from vlmo_ds.train.step import device_of
@@ -31,6 +33,9 @@ class RunResult:
     """The last retrieval evaluation of this run (None if none ran)."""
     stages: dict[str, StageOutcome] = field(default_factory=dict)
     """The stages this invocation ran, by name."""
+    stopped: Stop | None = None
+    """Why the ranks stopped before the run's last stage finished (a signal, the deadline): its newest checkpoint
+    holds the place and train.resume=auto continues. None when every stage it was to run finished."""
 
 
 def _barrier() -> None:
@@ -38,12 +43,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def train(cfg: RunConfig, env: DistEnv) -> RunResult:
-    """Run the recipe's unfinished stages (or train.only_stage) in order; stop early at train.deadline_minutes."""
+def train(cfg: RunConfig, env: DistEnv, signals: StopSignals | None = None) -> RunResult:
+    """Run the recipe's unfinished stages (or train.only_stage) in order; stop early, with a checkpoint, at
+    train.deadline_minutes or when any rank has received one of `signals` (None: the deadline only)."""
     run = plan_run(cfg)
     ctx = RunContext(cfg, env, device_of(env), load_tokenizer(cfg.tokenizer),
                      dp_size=env.world_size,  # tensor and pipeline parallel layouts come with the parallelism work
-                     started=time.monotonic())
+                     started=time.monotonic(), signals=signals)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     if env.rank == 0:
         checkpoint.remove_partial(ctx.run_dir)
@@ -54,6 +60,11 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
                      else "every stage is finished")
     result = RunResult(step_offset(cfg, run.first), None, None)
     for index in range(run.first, run.stop):
+        if index > run.first:  # a signal that came during the previous stage's evaluations or record
+            result.stopped = agree_to_stop(signals, ctx.started, cfg.train.deadline_minutes, ctx.device)
+            if result.stopped:
+                log.warning("%s: every rank stopped before stage %s", result.stopped, cfg.stages[index].name)
+                break
         resume_from = run.resume_from if index == run.first else None
         if env.rank == 0:
             clear_stale(cfg, index, fresh=resume_from is None)
@@ -64,9 +75,10 @@ def train(cfg: RunConfig, env: DistEnv) -> RunResult:
         result.final = outcome.final or result.final
         result.eval = outcome.retrieval or result.eval
         if not outcome.finished:
+            result.stopped = outcome.stopped
             break
     if env.rank == 0:
-        summary = {"step": result.step, "final": result.final, "eval": result.eval,
+        summary = {"step": result.step, "final": result.final, "eval": result.eval, "stopped": result.stopped,
                    "stages": {name: asdict(outcome) for name, outcome in result.stages.items()}, "time": time.time()}
         (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return result
