@@ -4,7 +4,7 @@
 #
 #   slurm/submit_stages.sh [SBATCH_OPTION ...] -- RECIPE [key=value ...]
 #   slurm/submit_stages.sh -p gpu --nodes=4 -- base run_dir=runs/base
-#   slurm/submit_stages.sh -- tiny_stagewise                 # without sbatch options
+#   slurm/submit_stages.sh -- tiny                 # without sbatch options
 #
 # Prints one line per stage: its name and job id. The recipe is checked first (python -m vlmo_ds.config), so a bad
 # value stops here with one line and nothing is queued. Each stage job starts from the previous stage's final

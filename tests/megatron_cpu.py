@@ -16,6 +16,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import schedules as megatron_schedules
 from megatron.core.tensor_parallel import random as megatron_random
 
+from vlmo_ds.parallel import layout_rules
+
 
 class CpuRNGTracker:
     """megatron's CudaRNGStatesTracker interface (add / fork / get_states / set_states / reset) over torch's CPU
@@ -74,6 +76,14 @@ def install_cpu_shims() -> None:
     if not isinstance(megatron_random._CUDA_RNG_STATE_TRACKER, CpuRNGTracker):
         megatron_random._CUDA_RNG_STATE_TRACKER = CpuRNGTracker()
         megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def allow_cpu_pipeline() -> None:
+    """Let the trainer build pipeline stages on CPU: the product refuses PP > 1 without CUDA
+    (vlmo_ds.parallel.layout_rules.check_pipeline_device), because megatron's schedules need the GPU calls that
+    install_cpu_shims replaces; in a process with the shims installed that refusal does not apply."""
+    install_cpu_shims()
+    layout_rules.check_pipeline_device = lambda pp, cuda_available: None
 
 
 def init_megatron(tensor: int = 1, pipeline: int = 1) -> None:

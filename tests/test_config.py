@@ -108,15 +108,27 @@ BAD = {
         "model.dim / model.heads: invalid model config: dim=102 is not divisible by heads=4", "model.dim=102"),
     "zero stage 4": case("parallel.zero_stage: must be 0, 1, 2 or 3, got 4", "parallel.zero_stage=4"),
     "pipeline with zero 2": case(
-        "parallel.zero_stage: pipeline parallelism works with ZeRO 0-1 only; set parallel.zero_stage=1",
-        "parallel.pipeline=2", "parallel.zero_stage=2"),
-    "tensor not dividing heads": case("parallel.tensor: 3 does not divide model.heads=4", "parallel.tensor=3"),
+        "parallel.pipeline=2 needs ZeRO stage 0 or 1 (DeepSpeed cannot partition gradients across pipeline stages); "
+        "set parallel.zero_stage=1", "parallel.pipeline=2", "parallel.zero_stage=2"),
+    "pipeline with zero 0 and clipping": case(
+        "parallel.pipeline=2 with ZeRO stage 0 clips by a wrong gradient norm", "parallel.pipeline=2",
+        "parallel.zero_stage=0", "optim.grad_clip=1.0"),
+    "pipeline with retrieval evaluation": case(
+        "eval.retrieval: retrieval evaluation needs the whole model on every rank, not parallel.pipeline=2 stages",
+        "parallel.pipeline=2", "parallel.zero_stage=1", "eval.retrieval=data/test"),
+    "tensor parallel with text MLM evaluation": case(
+        "eval.text_mlm: the held-out text MLM evaluation runs on whole models only", "parallel.tensor=2",
+        "eval.text_mlm=data/text"),
+    "tensor not dividing heads": case(
+        "model.heads=4 is not divisible by the tensor-parallel size 3; choose a tensor-parallel size that divides",
+        "parallel.tensor=3"),
     "tensor not dividing vocab": case(
         "model.vocab_size: 1001 is not divisible by parallel.tensor=2; set model.vocab_size=1002",
         "parallel.tensor=2", "model.vocab_size=1001"),
-    "pipeline > depth": case("parallel.pipeline: 5 stages exceed model.depth=4", "parallel.pipeline=5"),
+    "pipeline > depth": case("parallel.pipeline=5 exceeds model.depth=4 (every stage needs at least one block); "
+                             "set parallel.pipeline to at most 4", "parallel.pipeline=5"),
     "world not divisible by layout": case(
-        "parallel: 3 ranks are not divisible by parallel.tensor x parallel.pipeline = 2", "parallel.tensor=2",
+        "parallel: 3 ranks are not divisible by parallel.tensor x parallel.pipeline = 2 x 1 = 2", "parallel.tensor=2",
         world_size=3),
     "unknown stage kind": case("stages.0.kind: unknown stage kind 'image-text' (did you mean 'image_text'?)",
                                "stages.0.kind=image-text"),
@@ -278,17 +290,23 @@ def test_model_config_vocab_and_stage(tmp_path):
 
 
 def test_shipped_recipes():
-    assert shipped_recipes() == ["base", "large", "tiny", "tiny_stagewise"]
+    assert shipped_recipes() == ["base", "large", "tiny", "tiny_image_text"]
     tiny = load_config("tiny")
     assert tiny.run_dir == "runs/tiny" and tiny.model.preset == "tiny"
-    assert tiny.model.overrides == {"vocab_size": "auto", "patch_size": 16, "max_text_len": 16, "rel_pos": False,
+    assert tiny.model.overrides == {"vocab_size": "auto", "patch_size": 16, "max_text_len": 64, "rel_pos": False,
                                    "layer_scale_init": None, "drop_path_rate": 0.0}
     assert (tiny.tokenizer, tiny.eval.retrieval) == ("data/synthetic/tok.model", "data/synthetic/retrieval_test")
     assert Path(tiny.deepspeed).name == "cpu.json" and tiny.precision == "fp32"
-    assert [(s.name, s.kind, s.steps) for s in tiny.stages] == [("image_text", "image_text", 2000)]
+    assert [(s.name, s.kind, s.steps) for s in tiny.stages] == [
+        ("image_mim", "image_mim", 300), ("text_mlm", "text_mlm", 300), ("image_text", "image_text", 2000)]
     assert (tiny.train.micro_batch, tiny.train.global_batch, tiny.optim.lr) == (32, 32, 1e-3)
-    assert tiny.stages[0].data[0].shards == "data/synthetic/pretrain_pairs"
+    assert [s.data[0].shards for s in tiny.stages] == [
+        "data/synthetic/images", "data/synthetic/text", "data/synthetic/pretrain_pairs"]
     assert load_config("tiny.yaml") == load_config(RECIPES / "tiny.yaml") == tiny
+    alone = load_config("tiny_image_text")
+    assert alone.run_dir == "runs/tiny_image_text" and alone.model.overrides["max_text_len"] == 16
+    assert [(s.name, s.kind, s.steps) for s in alone.stages] == [("image_text", "image_text", 2000)]
+    assert alone.stages[0].loss_weights == tiny.stages[2].loss_weights and alone.optim == tiny.optim
     for name, lr, micro in (("base", 2e-4, 32), ("large", 5e-5, 16)):
         cfg = load_config(name, world_size=8)
         assert cfg.model.preset == name and cfg.precision == "bf16" and cfg.parallel.zero_stage == 1
@@ -360,7 +378,7 @@ def test_main_errors_passes_results_and_other_errors_through():
 def test_config_cli_prints_resolved_recipe_and_plans(capsys):
     from vlmo_ds.config.__main__ import main
 
-    main(["tiny", "stages.0.steps=50", "--world-size", "1"])
+    main(["tiny_image_text", "stages.0.steps=50", "--world-size", "1"])
     out = capsys.readouterr().out
     assert yaml.safe_load(out)["stages"][0]["steps"] == 50  # the trailing lines are YAML comments
     assert "# stage 0 image_text (image_text): 50 steps, lr 0.001 after 2 warm-up steps, 32 micro x 1 accum" in out

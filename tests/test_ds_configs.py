@@ -53,7 +53,7 @@ def test_file_contents(path):
 
 def _cfg(path: Path, *overrides: str):
     # The recipe leaves stage and precision to the JSON; micro 4 x dp 2 x accumulation 4 = 32.
-    return load_config("tiny", [f"deepspeed={path}", "parallel.zero_stage=null", "precision=null",
+    return load_config("tiny_image_text", [f"deepspeed={path}", "parallel.zero_stage=null", "precision=null",
                                 "train.micro_batch=4", "train.global_batch=32", *overrides])
 
 

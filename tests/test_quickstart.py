@@ -7,17 +7,17 @@ from vlmo_ds.quickstart import image_text_only, recipe_overrides, side_by_side
 
 def test_every_stage_reads_its_kind_of_split():
     root = Path("/data/syn")
-    cfg = load_config("tiny_stagewise", recipe_overrides("tiny_stagewise", root))
+    cfg = load_config("tiny", recipe_overrides("tiny", root))
     assert [(s.name, s.data[0].shards) for s in cfg.stages] == [
         ("image_mim", "/data/syn/images"), ("text_mlm", "/data/syn/text"), ("image_text", "/data/syn/pretrain_pairs")]
     assert (cfg.tokenizer, cfg.eval.retrieval, cfg.eval.text_mlm) == (
         "/data/syn/tok.model", "/data/syn/retrieval_test", "/data/syn/text_heldout")
-    tiny = load_config("tiny", recipe_overrides("tiny", root))
+    tiny = load_config("tiny_image_text", recipe_overrides("tiny_image_text", root))
     assert [s.data[0].shards for s in tiny.stages] == ["/data/syn/pretrain_pairs"] and tiny.eval.text_mlm is None
 
 
 def test_ablation_baseline_is_the_image_text_stage_for_all_steps():
-    cfg = load_config("tiny_stagewise", ["run_dir=/runs/q", "stages.image_mim.steps=7", "stages.text_mlm.steps=5",
+    cfg = load_config("tiny", ["run_dir=/runs/q", "stages.image_mim.steps=7", "stages.text_mlm.steps=5",
                                          "stages.image_text.steps=11"])
     baseline = image_text_only(cfg)
     (stage,) = baseline.stages

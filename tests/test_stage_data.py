@@ -112,7 +112,7 @@ def test_held_out_accuracy_and_unigram_baseline(sources):
 
 def test_a_stage_with_two_image_text_sources_mixes_real_shards(run_data):
     pairs, extra = run_data / "pretrain_pairs", run_data / "retrieval_train"
-    cfg = load_config("tiny_stagewise", [f"tokenizer={run_data / 'tok.model'}",
+    cfg = load_config("tiny", [f"tokenizer={run_data / 'tok.model'}",
                                          f"stages.2.data=[{{shards: {pairs}, weight: 1.0}}, {{shards: {extra}}}]"])
     tokenizer = load_tokenizer(cfg.tokenizer)
     loader = build_loader(cfg.stages[2], model_config(cfg, tokenizer.vocab_size, stage=2), tokenizer, micro_batch=8,
@@ -133,7 +133,7 @@ def test_mim_stage_reads_visual_tokens_from_the_shards(run_data, tmp_path):
         samples.append({"__key__": f"im{i}", "png": image_bytes(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)),
                         "vtok.npy": ids.getvalue()})
     write_shards(tmp_path / "images", samples, per_shard=3)
-    cfg = load_config("tiny_stagewise", [f"tokenizer={run_data / 'tok.model'}", f"stages.0.data={tmp_path / 'images'}",
+    cfg = load_config("tiny", [f"tokenizer={run_data / 'tok.model'}", f"stages.0.data={tmp_path / 'images'}",
                                          "stages.0.mim_target=tokens"])
     tokenizer = load_tokenizer(cfg.tokenizer)
     model_cfg = model_config(cfg, tokenizer.vocab_size, stage=0)

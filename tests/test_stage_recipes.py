@@ -13,8 +13,8 @@ from vlmo_ds.train.__main__ import main
 
 
 def stagewise_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    """tiny_stagewise on the test data, two steps a stage."""
-    return ["tiny_stagewise", f"run_dir={run_dir}", f"tokenizer={data / 'tok.model'}",
+    """tiny on the test data, two steps a stage."""
+    return ["tiny", f"run_dir={run_dir}", f"tokenizer={data / 'tok.model'}",
             f"stages.image_mim.data={data / 'images'}", f"stages.text_mlm.data={data / 'text'}",
             f"stages.image_text.data={data / 'pretrain_pairs'}", "eval.retrieval=null",
             f"eval.text_mlm={data / 'text_heldout'}", "stages.image_mim.steps=2", "stages.text_mlm.steps=2",
@@ -54,7 +54,7 @@ def test_bad_stagewise_recipe_is_one_line(extra, expected, capsys, run_data, tmp
 
 
 def test_stage_without_data_key(tmp_path):
-    tree = yaml.safe_load((RECIPES / "tiny_stagewise.yaml").read_text())
+    tree = yaml.safe_load((RECIPES / "tiny.yaml").read_text())
     del tree["stages"][1]["data"]
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tree))
@@ -65,13 +65,13 @@ def test_stage_without_data_key(tmp_path):
 def test_stage_with_init_from_needs_no_previous_stage(run_data, tmp_path):
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")
-    cfg = load_config("tiny_stagewise", [f"stages.2.init_from={weights}", "model.rel_pos=false",
+    cfg = load_config("tiny", [f"stages.2.init_from={weights}", "model.rel_pos=false",
                                          "stages.1.text_len=8"])  # no rule needed: stage 2 does not follow stage 1
     assert cfg.stages[2].init_from == str(weights)
 
 
 def test_shipped_stagewise_recipes():
-    tiny = load_config("tiny_stagewise")
+    tiny = load_config("tiny")
     assert [(s.name, s.kind) for s in tiny.stages] == [("image_mim", "image_mim"), ("text_mlm", "text_mlm"),
                                                         ("image_text", "image_text")]
     assert tiny.stages[0].trainable == STAGE1_TRAINABLE and tiny.stages[1].trainable == STAGE2_TRAINABLE

@@ -13,7 +13,7 @@ from vlmo_ds.train.schedule import clear_stale, plan_run, start_weights
 
 
 def config(run_dir, *extra):
-    return load_config("tiny_stagewise", [f"run_dir={run_dir}", *extra])
+    return load_config("tiny", [f"run_dir={run_dir}", *extra])
 
 
 def finish(run_dir, name):

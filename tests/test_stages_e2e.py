@@ -74,7 +74,7 @@ def test_three_stages_hand_weights_on_and_freeze_what_they_must(run_data, uninte
         same = torch.equal(text[name], image[name])
         assert same != (group_of(name) in trainable), name
     # The image stage: text-only parameters (and the VL experts) still hold their initial values.
-    cfg = load_config("tiny_stagewise", args(run_data, uninterrupted)[1:])
+    cfg = load_config("tiny", args(run_data, uninterrupted)[1:])
     initial = build_model(cfg, load_tokenizer(cfg.tokenizer).vocab_size, 0).state_dict()
     for name, value in image.items():
         if group_of(name) in TEXT_ONLY | {"vl_experts"}:

@@ -22,8 +22,8 @@ def make_data(root: Path) -> Path:
 
 
 def recipe_args(data: Path, run_dir: Path, steps: int, batch: int = 4, *extra: str) -> list[str]:
-    """Arguments after `python -m vlmo_ds.train`: the tiny recipe, shrunk to seconds."""
-    return ["tiny", f"run_dir={run_dir}", f"tokenizer={data / 'tok.model'}", f"stages.0.data={data / 'pretrain_pairs'}",
+    """Arguments after `python -m vlmo_ds.train`: the tiny_image_text recipe, shrunk to seconds."""
+    return ["tiny_image_text", f"run_dir={run_dir}", f"tokenizer={data / 'tok.model'}", f"stages.0.data={data / 'pretrain_pairs'}",
             "eval.retrieval=null", f"stages.0.steps={steps}", f"train.micro_batch={batch}",
             f"train.global_batch={batch}", "train.ckpt_every=2", "train.keep_last=2", "train.num_workers=1",
             "train.record_samples=true", "model.patch_size=16", "model.max_text_len=16", *extra]

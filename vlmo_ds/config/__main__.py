@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     dp = args.world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
     out = sys.stdout
     out.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    out.write(f"# {args.world_size} ranks = tensor {cfg.parallel.tensor} x pipeline {cfg.parallel.pipeline} "
-              f"x data {dp}\n")
+    out.write(f"# layout: {args.world_size} ranks = tensor {cfg.parallel.tensor} x pipeline {cfg.parallel.pipeline} "
+              f"x data {dp}, ZeRO stage {cfg.parallel.zero_stage} over the {dp} data-parallel ranks, "
+              f"activation checkpointing {'on' if cfg.parallel.activation_checkpointing else 'off'}\n")
     for index in range(len(cfg.stages)):
         plan = stage_plan(cfg, index, dp)
         out.write(f"# stage {index} {plan.stage.name} ({plan.stage.kind}): {plan.stage.steps} steps, lr {plan.lr:g} "

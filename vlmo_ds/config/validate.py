@@ -22,6 +22,7 @@ from vlmo_ds.config.schema import (
     StageConfig,
 )
 from vlmo_ds.model.config import PRESETS, ModelConfig
+from vlmo_ds.parallel.layout_rules import check_layout
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")  # a letter first: overrides tell stages.0 from stages.name
 
@@ -60,19 +61,17 @@ def _offloads(zero: dict[str, Any], section: str) -> bool:
 
 
 def _check_parallel(cfg: RunConfig, ds: dict[str, Any], world_size: int | None) -> None:
+    """The layout rules of vlmo_ds.parallel.layout_rules (the trainer applies the same at start-up), DeepSpeed's
+    offload needs, and what the evaluations can run under model parallelism."""
     par = cfg.parallel
     if par.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {par.zero_stage}")
-    if par.pipeline > 1 and par.zero_stage >= 2:
-        raise ConfigError(f"parallel.zero_stage: pipeline parallelism works with ZeRO 0-1 only; set "
-                          f"parallel.zero_stage=1 (got ZeRO {par.zero_stage} with parallel.pipeline={par.pipeline})")
-    heads, depth = model_value(cfg, "heads"), model_value(cfg, "depth")
-    if heads % par.tensor:
-        raise ConfigError(f"parallel.tensor: {par.tensor} does not divide model.heads={heads} "
-                          "(attention is split by heads); choose a divisor of the head count")
-    if par.pipeline > depth:
-        raise ConfigError(f"parallel.pipeline: {par.pipeline} stages exceed model.depth={depth} blocks; "
-                          f"use at most {depth}")
+    ranks = world_size if world_size is not None else par.tensor * par.pipeline
+    model_cfg = model_config(cfg, _vocab_stand_in(cfg))
+    try:
+        check_layout(ranks, par.tensor, par.pipeline, par.zero_stage, model_cfg, grad_clip=cfg.optim.grad_clip)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     zero = ds.get("zero_optimization", {})
     if _offloads(zero, "offload_param") and par.zero_stage != 3:
         raise ConfigError(f"parallel.zero_stage: {cfg.deepspeed} offloads parameters, which needs ZeRO 3; "
@@ -80,9 +79,15 @@ def _check_parallel(cfg: RunConfig, ds: dict[str, Any], world_size: int | None) 
     if _offloads(zero, "offload_optimizer") and par.zero_stage == 0:
         raise ConfigError(f"parallel.zero_stage: {cfg.deepspeed} offloads the optimizer, which needs ZeRO 1-3; "
                           "set parallel.zero_stage=1 or higher")
-    if world_size is not None and world_size % (par.tensor * par.pipeline):
-        raise ConfigError(f"parallel: {world_size} ranks are not divisible by parallel.tensor x parallel.pipeline "
-                          f"= {par.tensor * par.pipeline}; change the layout or the number of ranks")
+    # Evaluation runs the whole model (encode_image / encode_text), which a pipeline stage does not hold; the
+    # held-out text MLM scores whole-vocabulary logits, which a tensor-parallel rank does not hold.
+    if par.pipeline > 1 and cfg.eval.retrieval:
+        raise ConfigError(f"eval.retrieval: retrieval evaluation needs the whole model on every rank, not "
+                          f"parallel.pipeline={par.pipeline} stages; set eval.retrieval=null and evaluate the "
+                          "stage's weights (RUN_DIR/stages/NAME/weights.safetensors) afterwards")
+    if (par.pipeline > 1 or par.tensor > 1) and cfg.eval.text_mlm:
+        raise ConfigError(f"eval.text_mlm: the held-out text MLM evaluation runs on whole models only, not "
+                          f"parallel.tensor={par.tensor} x parallel.pipeline={par.pipeline}; set eval.text_mlm=null")
 
 
 def _check_optim(cfg: RunConfig) -> None:

@@ -5,8 +5,8 @@ Ranks are laid out by megatron-core (order tp-dp-pp): tensor-parallel ranks are 
 slowest axis. One model replica is TP x PP ranks; the data-parallel size is what remains of the world, and all
 TP/PP ranks of one replica see the same batch (vlmo_ds splits data by data-parallel rank).
 
-`check_layout` holds the pure rules (config validation calls it without processes); `init_model_parallel` applies
-them and builds megatron's groups once torch.distributed is up; `MegatronMPU` is what
+`check_layout` holds the pure rules (vlmo_ds.parallel.layout_rules; config validation calls it without processes);
+`init_model_parallel` applies them and builds megatron's groups once torch.distributed is up; `MegatronMPU` is what
 `deepspeed.initialize(mpu=...)` reads. DeepSpeed's names and megatron's meanings:
     get_model_parallel_*          the TP x PP ranks of one replica (DeepSpeed's checkpoint file index mp_rank_XX, its
                                   overflow and gradient-norm reductions; megatron's "model parallel group")
@@ -24,48 +24,11 @@ import torch.distributed as dist
 from torch import nn
 
 from vlmo_ds.model.config import ModelConfig
-from vlmo_ds.parallel.tp_convert import check_tensor_parallel
+from vlmo_ds.parallel.layout_rules import check_layout, check_pipeline_device
+
+__all__ = ["MegatronMPU", "check_layout", "check_pipeline_device", "init_model_parallel", "layout_summary"]
 
 logger = logging.getLogger(__name__)
-
-
-def check_layout(world_size: int, tp: int, pp: int, zero_stage: int | None, cfg: ModelConfig, *,
-                 grad_clip: float = 0.0) -> int:
-    """The data-parallel size of `world_size` ranks split into TP x PP replicas; a one-line ValueError naming the
-    setting to change when the layout cannot run. zero_stage None skips the ZeRO rules (stage not known yet).
-
-    grad_clip: the clipping norm (0: off). DeepSpeed's ZeRO-0 clipping, given an mpu, counts a tensor that is not
-    tensor-parallel only on model-parallel rank 0, i.e. only on the first pipeline stage: a wrong norm under PP
-    (ZeRO 1 counts it on tensor rank 0 of every stage, which is right)."""
-    for key, value in (("parallel.tensor", tp), ("parallel.pipeline", pp)):
-        if value < 1:
-            raise ValueError(f"{key}={value} must be at least 1")
-    if world_size < 1 or world_size % (tp * pp):
-        raise ValueError(f"parallel: {world_size} ranks are not divisible by parallel.tensor x parallel.pipeline "
-                         f"= {tp} x {pp} = {tp * pp}; change the layout or the number of ranks")
-    check_tensor_parallel(cfg, tp)
-    if pp > cfg.depth:
-        raise ValueError(f"parallel.pipeline={pp} exceeds model.depth={cfg.depth} (every stage needs at least one "
-                         f"block); set parallel.pipeline to at most {cfg.depth}")
-    if zero_stage is not None:
-        if zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"parallel.zero_stage={zero_stage} must be 0, 1, 2 or 3")
-        if pp > 1 and zero_stage >= 2:
-            raise ValueError(f"parallel.pipeline={pp} needs ZeRO stage 0 or 1 (DeepSpeed cannot partition gradients "
-                             f"across pipeline stages); set parallel.zero_stage=1")
-        if pp > 1 and zero_stage == 0 and grad_clip > 0:
-            raise ValueError(f"parallel.pipeline={pp} with ZeRO stage 0 clips by a wrong gradient norm (DeepSpeed "
-                             f"counts only the first stage's replicated tensors); set parallel.zero_stage=1 or "
-                             f"optim.grad_clip=0")
-    return world_size // (tp * pp)
-
-
-def check_pipeline_device(pp: int, cuda_available: bool) -> None:
-    """Pipeline stages run megatron-core's schedules, which allocate their buffers on CUDA devices: refuse PP > 1
-    on a machine without them (the caller passes torch.cuda.is_available())."""
-    if pp > 1 and not cuda_available:
-        raise ValueError(f"parallel.pipeline={pp} needs CUDA devices (megatron-core's pipeline schedules allocate "
-                         f"their buffers on the GPU); on CPU set parallel.pipeline=1")
 
 
 class MegatronMPU:
@@ -157,8 +120,9 @@ def init_model_parallel(tp: int, pp: int, cfg: ModelConfig, zero_stage: int | No
 
 
 def layout_summary(mpu: MegatronMPU, zero_stage: int, module: nn.Module) -> str:
-    """One start-up line: TP x PP x DP, the ZeRO stage and this rank's parameter count (before ZeRO partitions it)."""
-    params = sum(p.numel() for p in module.parameters())
+    """One start-up line: TP x PP x DP, the ZeRO stage and this rank's parameter count (before ZeRO partitions it;
+    a parameter already partitioned by zero.Init counts whole, by its ds_numel)."""
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
     return (f"layout TP {mpu.get_tensor_model_parallel_world_size()} x PP "
             f"{mpu.get_pipeline_model_parallel_world_size()} x DP {mpu.get_data_parallel_world_size()}, "
             f"ZeRO {zero_stage}; this rank (stage {mpu.get_pipeline_model_parallel_rank()}, tensor rank "

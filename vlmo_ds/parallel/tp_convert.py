@@ -27,29 +27,15 @@ import torch
 
 from vlmo_ds.model import relative_position as rp
 from vlmo_ds.model.config import ModelConfig
+from vlmo_ds.parallel.layout_rules import check_tensor_parallel
+
+__all__ = ["TABLE", "check_tensor_parallel", "merge_state_dicts", "partition_dim", "shard_state_dict"]
 
 TABLE = "relative_position_bias_table"
 _QKV = re.compile(r"transformer\.blocks\.\d+\.attn\.qkv\.weight")
 _SPLIT_ROWS = re.compile(r"transformer\.blocks\.\d+\.(attn\.[qv]_bias|mlp_(text|imag|vl)\.fc1\.(weight|bias))"
                          r"|text_embeddings\.word_embeddings\.weight|mlm_score\.decoder\.weight|mlm_score\.bias")
 _SPLIT_COLUMNS = re.compile(r"transformer\.blocks\.\d+\.(attn\.proj|mlp_(text|imag|vl)\.fc2)\.weight")
-
-
-def check_tensor_parallel(cfg: ModelConfig, tp_size: int) -> None:
-    """Raise a one-line ValueError if the model cannot be split over `tp_size` ranks.
-
-    The FFN width (mlp_ratio * dim, dim = heads * head_dim) divides whenever the heads do, so heads and vocabulary
-    are the two checks.
-    """
-    if tp_size < 1:
-        raise ValueError(f"tensor-parallel size {tp_size} must be at least 1")
-    if cfg.heads % tp_size:
-        raise ValueError(f"model.heads={cfg.heads} is not divisible by the tensor-parallel size {tp_size}; "
-                         f"choose a tensor-parallel size that divides the number of attention heads")
-    if cfg.vocab_size % tp_size:
-        padded = -(-cfg.vocab_size // tp_size) * tp_size
-        raise ValueError(f"model.vocab_size={cfg.vocab_size} is not divisible by the tensor-parallel size {tp_size}; "
-                         f"pad the vocabulary to model.vocab_size={padded} or change the tensor-parallel size")
 
 
 def partition_dim(key: str) -> int | None:

@@ -1,7 +1,7 @@
 """`python -m vlmo_ds.train RECIPE [key=value ...] [--stage NAME]` under any launcher (none, torchrun, deepspeed, srun,
 mpirun).
 
-RECIPE is a YAML file or the name of a shipped recipe (tiny, tiny_stagewise, base, large). Overrides use dotted keys:
+RECIPE is a YAML file or the name of a shipped recipe (tiny, tiny_image_text, base, large). Overrides use dotted keys:
     python -m vlmo_ds.train tiny optim.lr=5e-4 stages.0.steps=200 train.resume=none
     torchrun --nproc_per_node 8 -m vlmo_ds.train large parallel.zero_stage=3
 The recipe is validated before any process group starts: a bad value exits with one line naming the key.
@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from vlmo_ds.config import ConfigError, check_files, load_config
 from vlmo_ds.parallel.launch import discover, init_distributed
+from vlmo_ds.parallel.layout_rules import LayoutError
 from vlmo_ds.train.preemption import EXIT_STOPPED, StopSignals, requeue_slurm_job
 from vlmo_ds.train.schedule import plan_run
 
@@ -36,7 +37,7 @@ from vlmo_ds.train.schedule import plan_run
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vlmo_ds.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="a recipe YAML file, or a shipped recipe name (tiny, tiny_stagewise, base, large)")
+    p.add_argument("recipe", help="a recipe YAML file, or a shipped recipe name (tiny, tiny_image_text, base, large)")
     p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys (optim.lr=1e-4)")
     p.add_argument("--stage", metavar="NAME", default=None,
                    help="run this one stage, then exit (the same as train.only_stage=NAME): one job per stage")
@@ -66,7 +67,11 @@ def _run(argv: list[str] | None, signals: StopSignals) -> int:
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
     init_distributed(env)
     try:
-        result = train(cfg, env, signals)
+        try:
+            result = train(cfg, env, signals)
+        except LayoutError as err:  # found once processes exist: a checkpoint of another layout, PP without CUDA
+            print(f"vlmo_ds.train: {err}", file=sys.stderr)
+            return 2
         if result.stopped is not None:
             if env.rank == 0 and result.stopped.requeue:
                 requeue_slurm_job()

@@ -2,9 +2,15 @@
 
 Layout under RUN_DIR/checkpoints/:
     step_00001200/            one checkpoint: DeepSpeed's files + trainer.json (global) + rank_<r>.pt (per rank);
-                              the number is the global step (all stages so far), trainer.json names the stage
+                              the number is the global step (all stages so far), trainer.json names the stage,
+                              the layout it was saved in ("layout": tensor, pipeline, data, zero_stage) and the
+                              ModelConfig ("model"), which the checkpoint tools (vlmo_ds.ckpt) read to consolidate
     step_00001200.tmp/        a save in progress (or killed mid-way): never resumed from, removed on the next start
     latest                    the name of the newest complete checkpoint; moved last, atomically
+DeepSpeed's files per model-parallel rank XX (= tensor rank + TP x pipeline rank, megatron's order) and data-parallel
+rank d: ZeRO 0-2 write mp_rank_XX_model_states.pt (data rank 0), ZeRO 1-2 add zero_pp_rank_d_mp_rank_XX_optim_states.pt,
+ZeRO 3 writes zero_pp_rank_d_mp_rank_XX_model_states.pt and ..._optim_states.pt (the partitions). A checkpoint resumes
+in the layout it was saved in only (check_layout); tools/ckpt.py reshard converts it to another.
 A save writes everything under the .tmp name, waits for every rank, then rank 0 renames the folder and only then
 rewrites `latest`. A crash at any point leaves the previous checkpoint as the newest complete one.
 Per-rank state (loader position, RNG states) is a torch file of plain tensors and strings, read with
@@ -24,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from vlmo_ds.parallel.layout_rules import LayoutError
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +158,25 @@ def remove_partial(run_dir: str | Path) -> None:
     for tmp in root.glob("step_*.tmp") if root.is_dir() else []:
         log.warning("removing the incomplete checkpoint %s (a save was interrupted)", tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+RESHARD_TOOL = "python tools/ckpt.py reshard"
+
+
+def _describe_layout(layout: dict[str, int]) -> str:
+    return " x ".join(f"{key} {layout[key]}" for key in ("tensor", "pipeline", "data", "zero_stage") if key in layout)
+
+
+def check_layout(path: Path, layout: dict[str, int]) -> None:
+    """A one-line LayoutError when checkpoint `path` was saved in another layout than `layout` (tensor, pipeline,
+    data, zero_stage): DeepSpeed's files hold one model-parallel shard and one ZeRO partition per rank. A checkpoint
+    from before layouts were recorded counts as tensor 1 x pipeline 1 (its data size is checked by its rank files)."""
+    saved = json.loads((path / TRAINER_FILE).read_text()).get("layout", {"tensor": 1, "pipeline": 1})
+    if any(key in saved and saved[key] != value for key, value in layout.items()):
+        raise LayoutError(f"checkpoint {path} was saved in layout {_describe_layout(saved)}, this run is "
+                         f"{_describe_layout(layout)}; run in the saved layout (parallel.tensor, parallel.pipeline, "
+                         f"parallel.zero_stage, the number of ranks), or convert the checkpoint with "
+                         f"`{RESHARD_TOOL}` and resume from the converted folder")
 
 
 def load(engine, path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:

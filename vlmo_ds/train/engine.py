@@ -15,11 +15,16 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float):
-    """deepspeed.initialize with a torch AdamW (DeepSpeed's own fused Adam would compile a C++ op first)."""
+                 weight_decay: float, mpu=None):
+    """deepspeed.initialize with a torch AdamW (DeepSpeed's own fused Adam would compile a C++ op first).
+
+    mpu: vlmo_ds.parallel.mpu.MegatronMPU under tensor / pipeline parallelism (ZeRO partitions and averages over its
+    data-parallel group, counts gradient norms over its model-parallel group, names checkpoint files mp_rank_XX by
+    its model-parallel rank); None when every rank holds the whole model.
+    """
     groups = param_groups(model, weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     return engine
 
 

@@ -59,5 +59,5 @@ def apply_trainable(model: nn.Module, trainable: str | tuple[str, ...]) -> Train
     for name, param in model.named_parameters():
         learns = group_of(name) in wanted
         param.requires_grad_(learns)
-        counts[learns] += param.numel()
+        counts[learns] += getattr(param, "ds_numel", param.numel())  # ZeRO-3 partitions: the full size
     return TrainableReport(tuple(sorted(wanted)), counts[True], counts[False])

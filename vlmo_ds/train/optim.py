@@ -16,7 +16,8 @@ NO_DECAY_TENSORS = ("relative_position_bias_table", "transformer.cls_token", "tr
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
-    return param.dim() >= 2 and name not in NO_DECAY_TENSORS
+    # A parameter built under deepspeed.zero.Init holds an empty partition; ds_shape is its real shape.
+    return len(getattr(param, "ds_shape", param.shape)) >= 2 and name not in NO_DECAY_TENSORS
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

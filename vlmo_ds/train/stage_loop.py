@@ -3,7 +3,9 @@ resume, evaluations, and the stage checkpoint it leaves for the next stage.
 
 Per optimizer step: the learning rate from the stage's schedule; `accumulation` micro-batches, each one forward
 through the engine (VLMo.forward runs the stage's loss function), engine.backward and engine.step (DeepSpeed steps
-the optimizer on the accumulation boundary, clips and averages gradients over the data-parallel group).
+the optimizer on the accumulation boundary, clips and averages gradients over the data-parallel group). Under
+pipeline parallelism the stage runs every micro-batch of the step in megatron-core's schedule instead, then the
+gradients are averaged over the data-parallel group and the engine steps once (vlmo_ds.train.layout).
 Steps are numbered globally across stages (stage i's first step is 1 + the steps of the stages before it), so
 metrics.jsonl, TensorBoard and checkpoint names run on one axis; trainer.json also keeps the step inside the stage.
 """
@@ -14,7 +16,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,9 @@ from vlmo_ds.eval.metrics import format_table
 from vlmo_ds.eval.retrieval import evaluate_retrieval
 from vlmo_ds.model.published import read_state_dict
 from vlmo_ds.model.vlmo import VLMo
+from vlmo_ds.parallel.checkpointing import set_activation_checkpointing
 from vlmo_ds.parallel.launch import DistEnv, describe
-from vlmo_ds.train import checkpoint, stage_record
+from vlmo_ds.train import checkpoint, layout, stage_record
 from vlmo_ds.train.engine import build_engine, compute_dtype, set_lr
 from vlmo_ds.train.freeze import apply_trainable
 from vlmo_ds.train.metrics import MetricsLogger
@@ -51,7 +54,8 @@ class RunContext:
     env: DistEnv
     device: torch.device
     tokenizer: Tokenizer
-    dp_size: int
+    where: layout.Placement
+    """This rank in the run's layout (tensor x pipeline x data) and its process groups."""
     started: float
     """time.monotonic() at the run's start (train.deadline_minutes counts from it)."""
     signals: StopSignals | None = None
@@ -62,6 +66,10 @@ class RunContext:
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
+
+    @property
+    def dp_size(self) -> int:
+        return self.where.layout.data
 
 
 @dataclass
@@ -118,20 +126,27 @@ class StageRunner:
     """Runs stage `index` from a fresh start (`weights`) or from a checkpoint inside it (`resume_from`)."""
 
     def __init__(self, ctx: RunContext, index: int, resume_from: Path | None, weights: Path | None) -> None:
-        cfg, env = ctx.cfg, ctx.env
+        cfg, env, where = ctx.cfg, ctx.env, ctx.where
         self.ctx, self.index, self.stage = ctx, index, cfg.stages[index]
         self.plan = stage_plan(cfg, index, ctx.dp_size)
         self.model_cfg = model_config(cfg, ctx.tokenizer.vocab_size, stage=index)
+        if resume_from is not None:
+            checkpoint.check_layout(resume_from, where.layout.as_dict())
         model = build_model(cfg, ctx.tokenizer.vocab_size, index) if resume_from else start_model(ctx, index, weights)
-        trainable = apply_trainable(model, self.stage.trainable)
-        ds_config = deepspeed_config(cfg, ctx.dp_size, stage=index)
-        self.engine = build_engine(model.to(ctx.device), ds_config, self.plan.lr, cfg.optim.betas, cfg.optim.eps,
-                                   cfg.optim.weight_decay)
+        ds_config = layout.engine_config(deepspeed_config(cfg, ctx.dp_size, stage=index), where,
+                                         self.plan.micro_batch, self.plan.accumulation)
+        module = layout.rank_module(model, where, ds_config, ctx.device)
+        trainable = apply_trainable(module, self.stage.trainable)
+        set_activation_checkpointing(module, 1 if cfg.parallel.activation_checkpointing else 0)
+        if env.rank == 0:
+            log.info("%s", layout.describe(where, module))
+        self.engine = build_engine(module, ds_config, self.plan.lr, cfg.optim.betas, cfg.optim.eps,
+                                   cfg.optim.weight_decay, mpu=where.mpu)
         self.dtype = compute_dtype(self.engine)
         self.loader = build_loader(self.stage, self.model_cfg, ctx.tokenizer, micro_batch=self.plan.micro_batch,
-                                   dp_rank=env.rank, dp_size=ctx.dp_size, num_workers=cfg.train.num_workers,
+                                   dp_rank=where.dp_rank, dp_size=ctx.dp_size, num_workers=cfg.train.num_workers,
                                    open_shards=cfg.train.open_shards, seed=cfg.seed)
-        self.loss_fn = loss_function(self.stage, cfg.parallel.itc_local_rows)
+        self.loss_fn = loss_function(self.stage, cfg.parallel.itc_local_rows, where.tp_group)
         self.offset = step_offset(cfg, index)
         self.start = 0
         if resume_from is not None:
@@ -195,9 +210,10 @@ class StageRunner:
                                      self.ctx.device)
                 last = step + 1 == stage.steps or stop is not None
                 if (step + 1) % cfg.train.ckpt_every == 0 or last:
-                    checkpoint.save(self.engine, self.ctx.run_dir, at,
-                                    {"step": at, "stage": stage.name, "stage_step": step + 1},
-                                    {"loader": self.loader.state_dict()}, self.ctx.env.rank, cfg.train.keep_last)
+                    trainer = {"step": at, "stage": stage.name, "stage_step": step + 1,
+                               "layout": self.ctx.where.layout.as_dict(), "model": asdict(self.model_cfg)}
+                    checkpoint.save(self.engine, self.ctx.run_dir, at, trainer, {"loader": self.loader.state_dict()},
+                                    self.ctx.env.rank, cfg.train.keep_last)
                     self.metrics.reset_timer()
                 if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
                     self._retrieval(at)
@@ -212,25 +228,36 @@ class StageRunner:
 
     def _step(self, step: int, batches) -> tuple[dict[str, float], list[str]]:
         """One optimizer step (stage step `step`, 0-based): returns the ranks' mean losses and the sample keys."""
-        engine, accumulation = self.engine, self.plan.accumulation
+        engine, accumulation, where = self.engine, self.plan.accumulation, self.ctx.where
         at = self.offset + step + 1
         set_lr(engine, self.lr(step))
         accumulated: dict[str, torch.Tensor] = {}
         keys: list[str] = []
         grad_norm = None
+        micro_batches, seeds = [], []
         for micro_step in range(accumulation):
             with self.metrics.data_wait():
                 raw = next(batches)
             keys += raw["key"]
             batch = to_device(raw, self.ctx.device, self.dtype)
             seed = (self.ctx.cfg.seed * 1_000_003 + at - 1) * accumulation + micro_step  # ITM negatives
-            out = engine(self.loss_fn, batch, seed, None)
+            if where.pipelined:  # the schedule takes every micro-batch of the step at once
+                micro_batches.append(batch)
+                seeds.append(seed)
+                continue
+            out = engine(self.loss_fn, batch, seed, where.dp_group)
             engine.backward(out["loss"])
             if micro_step == accumulation - 1:
-                grad_norm = grad_norm_before_step(engine)
+                grad_norm = grad_norm_before_step(engine, where.mp_group, where.tp_rank)
             engine.step()
             for name, value in out.items():
                 accumulated[name] = accumulated.get(name, 0) + value.detach() / accumulation
+        if where.pipelined:
+            found = layout.pipeline_step(engine, self.stage, micro_batches, seeds, where,
+                                         self.ctx.cfg.parallel.itc_local_rows)
+            accumulated = {name: torch.tensor(value, device=self.ctx.device) for name, value in found.items()}
+            grad_norm = grad_norm_before_step(engine, where.mp_group, where.tp_rank)
+            engine.step()
         scalars = mean_over_ranks(accumulated)
         grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
         logged = {f"train/{k}": v for k, v in scalars.items()}
@@ -248,8 +275,9 @@ class StageRunner:
         if not ctx.cfg.eval.retrieval or self.stage.kind != "image_text":
             return None
         found = evaluate_retrieval(self.engine, ctx.cfg.eval.retrieval, ctx.tokenizer, self.model_cfg.image_size,
-                                   self.model_cfg.max_text_len, batch_size=ctx.cfg.eval.batch, rank=ctx.env.rank,
-                                   world_size=ctx.env.world_size, device=ctx.device)
+                                   self.model_cfg.max_text_len, batch_size=ctx.cfg.eval.batch,
+                                   rank=ctx.where.dp_rank, world_size=ctx.dp_size, group=ctx.where.dp_group,
+                                   device=ctx.device)
         if ctx.env.rank == 0:
             self.metrics.log(at, {f"eval/{k}": v for k, v in found.items() if isinstance(v, (int, float))},
                              self.stage.name)
@@ -280,7 +308,9 @@ class StageRunner:
 
     def _write_record(self, final, retrieval, text_mlm) -> None:
         ctx, stage = self.ctx, self.stage
-        state = stage_record.full_state_dict(self.engine)
+        where = ctx.where
+        state = stage_record.consolidated_state_dict(self.engine, self.model_cfg, where.mp_group, where.tp_rank,
+                                                     where.pp_rank, where.layout.tensor, where.dp_rank)
         record = {"name": stage.name, "kind": stage.kind, "index": self.index, "steps": stage.steps,
                   "global_step": self.offset + stage.steps, "final": final, "retrieval": retrieval,
                   "text_mlm": text_mlm, "time": time.time()}

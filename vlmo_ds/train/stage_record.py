@@ -8,7 +8,10 @@ Layout under RUN_DIR/stages/:
     <name>.tmp/                  a record being written (or killed mid-way): never read, replaced on the next try
 A stage is finished when <name>/stage.json exists. Rank 0 writes under the .tmp name and renames the folder, so a
 record is complete or absent. The weights are the optimizer's float32 master weights where DeepSpeed keeps them
-(bf16 runs), gathered from the ZeRO partitions; frozen parameters are taken from the module as they are.
+(bf16 runs), gathered from the ZeRO partitions; frozen parameters are taken from the module as they are. Under
+tensor / pipeline parallelism the record holds the consolidated model (the one-process layout): the TP shards and
+pipeline stages of data-parallel replica 0 are gathered to rank 0 and merged (tp_convert, pipeline_convert), so
+the next stage and every tool see one layout whatever the run's was.
 """
 from __future__ import annotations
 
@@ -78,6 +81,34 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
         if name not in names:
             out[name] = value.detach().cpu().clone()
     return out
+
+
+def consolidated_state_dict(engine, cfg: ModelConfig, mp_group=None, tp_rank: int = 0, pp_rank: int = 0,
+                            tp_size: int = 1, dp_rank: int = 0) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights (full_state_dict's, in the one-process layout) on global rank 0, None elsewhere.
+
+    mp_group: this replica's TP x PP ranks (None: every rank holds the whole model). Every rank must call it.
+    Data-parallel replica 0 sends each rank's (ZeRO-gathered) part to the group's first rank, global rank 0 in
+    megatron's rank order, which merges the pipeline stages of each tensor rank, then the tensor ranks.
+    """
+    local = full_state_dict(engine)
+    if mp_group is None:
+        return local if not dist.is_initialized() or dist.get_rank() == 0 else None
+    if dp_rank != 0:
+        return None
+    owner = dist.get_process_group_ranks(mp_group)[0]
+    parts = [None] * dist.get_world_size(mp_group) if dist.get_rank() == owner else None
+    dist.gather_object((tp_rank, pp_rank, local), parts, dst=owner, group=mp_group)
+    if parts is None:
+        return None
+    from vlmo_ds.parallel.pipeline_convert import merge_stage_state_dicts
+    from vlmo_ds.parallel.tp_convert import merge_state_dicts
+
+    shards = []
+    for t in range(tp_size):
+        stages = sorted((p for p in parts if p[0] == t), key=lambda p: p[1])
+        shards.append(merge_stage_state_dicts([state for _, _, state in stages], cfg))
+    return merge_state_dicts(shards, cfg) if tp_size > 1 else shards[0]
 
 
 def _unfused_masters(optimizer) -> dict[int, torch.Tensor]:

@@ -63,22 +63,23 @@ def _train_transform(stage, model_cfg: ModelConfig):
                                  crop_scale=stage.crop_scale)
 
 
-def loss_function(stage, itc_local_rows: bool) -> LossFn:
-    """fn(model, batch, seed, group) -> {"loss": ..., per-objective values}."""
+def loss_function(stage, itc_local_rows: bool, tp_group=None) -> LossFn:
+    """fn(model, batch, seed, group) -> {"loss": ..., per-objective values}; group is the data-parallel group,
+    tp_group the tensor-parallel group of a model with vocabulary-parallel MLM logits (None: whole logits)."""
     if stage.kind == "image_text":
         weights = LossWeights(**stage.loss_weights)
-        return partial(_image_text, weights=weights, itc_local_rows=itc_local_rows)
+        return partial(_image_text, weights=weights, itc_local_rows=itc_local_rows, tp_group=tp_group)
     if stage.kind == "text_mlm":
-        return _text_mlm
+        return partial(_text_mlm, tp_group=tp_group)
     return _image_mim
 
 
-def _image_text(model, batch, seed, group, *, weights, itc_local_rows):
-    return image_text_losses(model, batch, weights, seed, group, itc_local_rows)
+def _image_text(model, batch, seed, group, *, weights, itc_local_rows, tp_group):
+    return image_text_losses(model, batch, weights, seed, group, itc_local_rows, tp_group)
 
 
-def _text_mlm(model, batch, seed, group):
-    return text_mlm_losses(model, batch)
+def _text_mlm(model, batch, seed, group, *, tp_group):
+    return text_mlm_losses(model, batch, tp_group)
 
 
 def _image_mim(model, batch, seed, group):

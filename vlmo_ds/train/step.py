@@ -33,10 +33,19 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(names, stacked.tolist()))
 
 
-def grad_norm_before_step(engine) -> float | None:
+def grad_norm_before_step(engine, mp_group=None, tp_rank: int = 0) -> float | None:
     """ZeRO 0 keeps no gradient norm: take it from the (already averaged) gradients before the step clips them.
-    ZeRO 1-3 report theirs after the step (get_global_grad_norm)."""
+    ZeRO 1-3 report theirs after the step (get_global_grad_norm).
+
+    Under tensor / pipeline parallelism (mp_group: the replica's TP x PP ranks) every rank must call it: a
+    tensor-parallel shard counts on every rank, a replicated tensor on tensor rank 0 only, summed over the group.
+    """
     if engine.zero_optimization_stage() != 0:
         return None
-    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters()
+             if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+    if mp_group is None:
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+    square = torch.stack(norms).pow(2).sum() if norms else torch.zeros((), device=engine.device)
+    dist.all_reduce(square, group=mp_group)
+    return float(square.sqrt())

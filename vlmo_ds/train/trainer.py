@@ -11,10 +11,10 @@ from typing import Any
 
 import torch.distributed as dist
 
-from vlmo_ds.config import RunConfig
+from vlmo_ds.config import RunConfig, model_config
 from vlmo_ds.data.tokenizer import load_tokenizer
 from vlmo_ds.parallel.launch import DistEnv
-from vlmo_ds.train import checkpoint
+from vlmo_ds.train import checkpoint, layout
 from vlmo_ds.train.preemption import Stop, StopSignals, agree_to_stop
 from vlmo_ds.train.schedule import clear_stale, plan_run, start_weights
 from vlmo_ds.train.stage_loop import RunContext, StageOutcome, StageRunner, step_offset
@@ -47,9 +47,11 @@ def train(cfg: RunConfig, env: DistEnv, signals: StopSignals | None = None) -> R
     """Run the recipe's unfinished stages (or train.only_stage) in order; stop early, with a checkpoint, at
     train.deadline_minutes or when any rank has received one of `signals` (None: the deadline only)."""
     run = plan_run(cfg)
-    ctx = RunContext(cfg, env, device_of(env), load_tokenizer(cfg.tokenizer),
-                     dp_size=env.world_size,  # tensor and pipeline parallel layouts come with the parallelism work
-                     started=time.monotonic(), signals=signals)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    # One layout for every stage of the run (stages differ in image size and text length, not in the heads, depth
+    # and vocabulary the layout rules read): megatron-core's parallel state is built once per process.
+    where = layout.place(cfg, env, model_config(cfg, tokenizer.vocab_size, stage=0))
+    ctx = RunContext(cfg, env, device_of(env), tokenizer, where=where, started=time.monotonic(), signals=signals)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     if env.rank == 0:
         checkpoint.remove_partial(ctx.run_dir)
