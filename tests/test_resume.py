@@ -93,3 +93,31 @@ def test_rng_states_round_trip():
     np.random.rand(7), random.random(), torch.rand(2)
     set_rng_state(state)
     assert (np.random.rand(5).tolist(), np.random.randn(), random.random(), torch.rand(4).tolist()) == first
+
+
+def test_resume_into_another_model_is_one_line(run_data, tmp_path):
+    # a run stopped after step 1 (deadline) with 16 px patches (17 absolute positions); 8 px patches cannot resume it
+    run_dir = tmp_path / "run"
+    stopped = subprocess.run(command(run_data, run_dir, "train.deadline_minutes=1e-6"), env=ENV, capture_output=True)
+    assert stopped.returncode == 75 and (run_dir / "checkpoints" / "step_00000001").is_dir()
+    done = subprocess.run(command(run_data, run_dir, "model.patch_size=8"), env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("vlmo_ds.train:")]
+    assert len(errors) == 1 and "patch_size 16 (this run 8)" in errors[0] and "init_from" in errors[0], errors
+    assert "Traceback" not in done.stderr
+
+
+def test_latest_pointing_outside_the_run_folder_is_ignored(tmp_path):
+    from vlmo_ds.train.checkpoint import find_resume
+
+    root = tmp_path / "run" / "checkpoints"
+    for name in ("step_00000002", "step_00000004"):
+        (root / name).mkdir(parents=True)
+        (root / name / "trainer.json").write_text("{}")
+    (tmp_path / "step_00000009").mkdir()
+    (tmp_path / "step_00000009" / "trainer.json").write_text("{}")
+    (root / "latest").write_text("../../step_00000009")
+    assert find_resume(tmp_path / "run", "auto") == root / "step_00000004"
+    (root / "latest").write_text("step_00000002")
+    assert find_resume(tmp_path / "run", "auto") == root / "step_00000004"  # the newest complete one wins

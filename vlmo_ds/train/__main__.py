@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from vlmo_ds.config import ConfigError, check_files, load_config
 from vlmo_ds.parallel.launch import discover, init_distributed
+from vlmo_ds.ckpt.errors import CheckpointError
 from vlmo_ds.parallel.layout_rules import LayoutError
 from vlmo_ds.train.preemption import EXIT_STOPPED, StopSignals, requeue_slurm_job
 from vlmo_ds.train.schedule import plan_run
@@ -69,7 +70,8 @@ def _run(argv: list[str] | None, signals: StopSignals) -> int:
     try:
         try:
             result = train(cfg, env, signals)
-        except LayoutError as err:  # found once processes exist: a checkpoint of another layout, PP without CUDA
+        except (LayoutError, CheckpointError) as err:  # found once processes exist: a checkpoint of another
+            # layout or model, pipeline stages without CUDA
             print(f"vlmo_ds.train: {err}", file=sys.stderr)
             return 2
         if result.stopped is not None:

@@ -122,10 +122,9 @@ def find_resume(run_dir: str | Path, resume: str) -> Path | None:
     if not root.is_dir():
         return None
     pointer = root / "latest"
-    if pointer.is_file() and is_complete(root / pointer.read_text().strip()):
-        candidate = root / pointer.read_text().strip()
-    else:
-        candidate = None
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    # `latest` names a folder beside it, nothing else (a name like ../../step_... would leave the run folder)
+    candidate = root / name if STEP_DIR.match(name) and is_complete(root / name) else None
     complete = sorted(p for p in root.iterdir() if is_complete(p))
     newest = complete[-1] if complete else None
     return newest if candidate is None or (newest and newest.name > candidate.name) else candidate

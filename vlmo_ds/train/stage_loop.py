@@ -31,6 +31,7 @@ from vlmo_ds.model.published import read_state_dict
 from vlmo_ds.model.vlmo import VLMo
 from vlmo_ds.parallel.checkpointing import set_activation_checkpointing
 from vlmo_ds.parallel.launch import DistEnv, describe
+from vlmo_ds.ckpt.layout import check_resume_model
 from vlmo_ds.train import checkpoint, layout, stage_record
 from vlmo_ds.train.engine import build_engine, compute_dtype, set_lr
 from vlmo_ds.train.freeze import apply_trainable
@@ -132,11 +133,14 @@ class StageRunner:
         self.model_cfg = model_config(cfg, ctx.tokenizer.vocab_size, stage=index)
         if resume_from is not None:
             checkpoint.check_layout(resume_from, where.layout.as_dict())
+            check_resume_model(resume_from, self.model_cfg)
         model = build_model(cfg, ctx.tokenizer.vocab_size, index) if resume_from else start_model(ctx, index, weights)
         ds_config = layout.engine_config(deepspeed_config(cfg, ctx.dp_size, stage=index), where,
                                          self.plan.micro_batch, self.plan.accumulation)
         module = layout.rank_module(model, where, ds_config, ctx.device)
         trainable = apply_trainable(module, self.stage.trainable)
+        # the recipe's groups, as the checkpoint tools read them (a pipeline stage holds only some of them)
+        self._trainable = "all" if self.stage.trainable == "all" else list(self.stage.trainable)
         set_activation_checkpointing(module, 1 if cfg.parallel.activation_checkpointing else 0)
         if env.rank == 0:
             log.info("%s", layout.describe(where, module))
@@ -151,7 +155,12 @@ class StageRunner:
         self.start = 0
         if resume_from is not None:
             trainer_state, rank_state = checkpoint.load(self.engine, resume_from, env.rank)
-            self.loader.load_state_dict(rank_state["loader"])
+            if rank_state["loader"] is None:  # resharded to another data-parallel size: positions do not carry over
+                log.warning("checkpoint %s holds no loader position for data-parallel rank %d (resharded to another "
+                            "data-parallel size): this stage's data order restarts at its step", resume_from,
+                            where.dp_rank)
+            else:
+                self.loader.load_state_dict(rank_state["loader"])
             self.start = trainer_state.get("stage_step", trainer_state["step"] - self.offset)
         if env.rank == 0:
             log.info("stage %d/%d %s (%s) | %s | ZeRO stage %d, %s | %.2fM of %.2fM parameters train (%s) | "
@@ -211,7 +220,8 @@ class StageRunner:
                 last = step + 1 == stage.steps or stop is not None
                 if (step + 1) % cfg.train.ckpt_every == 0 or last:
                     trainer = {"step": at, "stage": stage.name, "stage_step": step + 1,
-                               "layout": self.ctx.where.layout.as_dict(), "model": asdict(self.model_cfg)}
+                               "layout": self.ctx.where.layout.as_dict(), "model": asdict(self.model_cfg),
+                               "trainable": self._trainable}
                     checkpoint.save(self.engine, self.ctx.run_dir, at, trainer, {"loader": self.loader.state_dict()},
                                     self.ctx.env.rank, cfg.train.keep_last)
                     self.metrics.reset_timer()
