@@ -171,11 +171,15 @@ def _load_partitioned(model: VLMo, shard: dict[str, torch.Tensor]) -> None:
 
 def engine_config(ds_config: dict, where: Placement, micro_batch: int, accumulation: int) -> dict:
     """The DeepSpeed config of this layout. Under PP the schedule runs all micro-batches of a step itself, so
-    DeepSpeed sees one accumulation step of micro_batch x accumulation samples (the same global batch)."""
+    DeepSpeed sees one accumulation step of micro_batch x accumulation samples (the same global batch), and
+    overlap_comm is off: with it ZeRO-1 reduces each gradient in a backward hook, and the pipelined step runs one
+    backward per pass, so a second pass would reduce a gradient again ("has already been reduced");
+    reduce_stage_gradients reduces once after the schedule instead."""
     if not where.pipelined:
         return ds_config
+    zero = {**ds_config.get("zero_optimization", {}), "overlap_comm": False}
     return {**ds_config, "train_micro_batch_size_per_gpu": micro_batch * accumulation,
-            "gradient_accumulation_steps": 1}
+            "gradient_accumulation_steps": 1, "zero_optimization": zero}
 
 
 def describe(where: Placement, module: nn.Module) -> str:
