@@ -6,11 +6,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vlmo_ds.parallel.env_readers import free_port
-from vlmo_ds.parallel.launch import DistEnv, init_distributed
+from vlmo_ds.parallel.launch import DistEnv, init_distributed, leave_spawned_rank
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, use_deepspeed: bool, fn, args) -> None:
@@ -20,11 +19,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, use_deepspeed: bool,
     env = DistEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world, node_rank=0,
                   master_addr="127.0.0.1", master_port=port, launcher="torchrun")
     init_distributed(env, backend="gloo", use_deepspeed=use_deepspeed)
-    try:
-        result = fn(rank, world, *args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()  # avoids rare aborts at exit in spawned workers
+    result = fn(rank, world, *args)  # an exception ends this process with a traceback, as spawn expects
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    leave_spawned_rank()
 
 
 def run_ranks(fn, world: int, *args, use_deepspeed: bool = False) -> list:

@@ -51,7 +51,7 @@ from vlmo_ds.model.flops import image_text_step_flops  # noqa: E402
 from vlmo_ds.model.vlmo import VLMo  # noqa: E402
 from vlmo_ds.objectives.pretrain import LossWeights, image_text_losses  # noqa: E402
 from vlmo_ds.parallel.env_readers import free_port  # noqa: E402
-from vlmo_ds.parallel.launch import DistEnv, discover, init_distributed  # noqa: E402
+from vlmo_ds.parallel.launch import DistEnv, discover, init_distributed, leave_spawned_rank  # noqa: E402
 from vlmo_ds.parallel.layout_rules import check_layout  # noqa: E402
 from vlmo_ds.parallel.pipeline_passes import count_block_calls, image_text_passes  # noqa: E402
 from vlmo_ds.parallel.traffic import (ImageTextShape, OpCount, TrafficCounter, count_collectives,  # noqa: E402
@@ -232,6 +232,7 @@ def spawned_rank(rank: int, world: int, port: int, args: argparse.Namespace) -> 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the ranks share this machine's cores
     layout_rank(DistEnv(rank=rank, world_size=world, local_rank=rank, local_world_size=world, node_rank=0,
                         master_addr="127.0.0.1", master_port=port, launcher="torchrun"), args)
+    leave_spawned_rank()
 
 
 def layout_rank(env: DistEnv, args: argparse.Namespace) -> None:

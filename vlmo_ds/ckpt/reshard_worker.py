@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 
 from vlmo_ds.ckpt.consolidated import OPTIMIZER_FILE
@@ -26,7 +25,7 @@ from vlmo_ds.config.schema import OptimSection
 from vlmo_ds.model.config import ModelConfig
 from vlmo_ds.model.layers import Layers
 from vlmo_ds.model.vlmo import VLMo
-from vlmo_ds.parallel.launch import DistEnv, init_distributed
+from vlmo_ds.parallel.launch import DistEnv, init_distributed, leave_spawned_rank
 from vlmo_ds.parallel.pipeline_convert import stage_of_key, stage_state_dict
 from vlmo_ds.parallel.tp_convert import shard_state_dict
 from vlmo_ds.train import checkpoint
@@ -44,10 +43,8 @@ def write_rank(rank: int, job: dict[str, Any]) -> None:
     env = DistEnv(rank=rank, world_size=target.world, local_rank=rank, local_world_size=target.world, node_rank=0,
                   master_addr="127.0.0.1", master_port=job["port"], launcher="torchrun")
     init_distributed(env, backend="gloo", use_deepspeed=True)
-    try:
-        _write(rank, job, target)
-    finally:
-        dist.destroy_process_group()
+    _write(rank, job, target)  # an exception ends this process with a traceback, which reshard reports
+    leave_spawned_rank()
 
 
 def _cut(full: dict[str, torch.Tensor], cfg: ModelConfig, target: Layout, tp: int, pp: int) -> dict:

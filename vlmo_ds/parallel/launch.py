@@ -121,3 +121,23 @@ def _skip_cpu_shm_op() -> None:
     compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
     if builder is not None and compatible is not None:
         compatible[builder.NAME] = False
+
+
+def leave_spawned_rank(code: int = 0) -> None:
+    """End a worker process spawned by torch.multiprocessing after its work, without interpreter teardown.
+
+    destroy_process_group drops torch's own references, but DeepSpeed engines and megatron's parallel state keep the
+    gloo process groups alive; their C++ worker threads are then destroyed during interpreter finalization, which
+    rarely aborts the finished process (SIGABRT, "terminate called without an active exception") on a loaded
+    2-core machine, and the spawning parent reports a failure. Results must be written before this call.
+    """
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
