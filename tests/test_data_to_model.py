@@ -3,7 +3,6 @@ the losses of each pre-training stage, with gradients."""
 import math
 
 import pytest
-import torch
 
 from vlmo_ds.data.hooks import PatchMasking, TextMasking
 from vlmo_ds.data.pipelines import image_loader, image_text_loader, text_loader

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmo_ds.model.config import PRESETS, ModelConfig, preset
+from vlmo_ds.model.config import ModelConfig, preset
 from vlmo_ds.model.vlmo import VLMo
 
 

@@ -39,7 +39,8 @@ def test_group_names_follow_the_published_stage2_rule():
     for name, _ in net.named_parameters():
         assert (group_of(name) in wanted) == any(part in name for part in published), name
     assert group_of("transformer.blocks.1.gamma_2") == "attention" and group_of("pooler.dense.weight") == "itm_head"
-    assert group_of("vqa_classifier.0.weight") is None and expand(["heads"]) >= {"mlm_head", "mim_head"}
+    assert group_of("vqa_classifier.0.weight") == group_of("nlvr2_classifier.3.bias") == "task_heads"
+    assert group_of("vqa_head.0.weight") is None and expand(["heads"]) >= {"mlm_head", "mim_head", "task_heads"}
 
 
 def test_apply_trainable_freezes_and_the_optimizer_never_sees_frozen():

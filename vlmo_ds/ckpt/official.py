@@ -20,12 +20,11 @@ from vlmo_ds.ckpt.safe_read import load_torch, read_safetensors
 from vlmo_ds.ckpt.safe_write import OutDir
 from vlmo_ds.model.config import PRESETS, ModelConfig
 from vlmo_ds.model.published import (DERIVED_KEYS, OURS_ONLY_PREFIXES, SCALARS, UNUSED_WITH_REL_POS,
-                                     export_published, import_published)
+                                     export_published, import_published, state_tensors)
 from vlmo_ds.model.vlmo import VLMo
 
 log = logging.getLogger(__name__)
 
-CONTAINERS = ("state_dict", "module", "model")
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -33,16 +32,10 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     module / model, a "module." prefix stripped."""
     path = Path(path)
     state: Any = read_safetensors(path)[0] if path.suffix == ".safetensors" else load_torch(path)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
-    for container in CONTAINERS:
-        if isinstance(state.get(container), dict):
-            state = state[container]
-            break
-    tensors = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise CheckpointError(f"{path} holds no tensors at top level or under {' / '.join(CONTAINERS)}")
-    return tensors
+    try:
+        return state_tensors(state, path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _ours_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

@@ -15,7 +15,8 @@ Membership is decided by the published key layout, one path component at a time 
     itc_heads          itc_{text,image,vl_text,vl_image}_proj.*, logit_scale, logit_vl_scale
     itm_head           itm_score.*, pooler.*  (the pooler only feeds ITM in pre-training)
     mim_head           mim_head.*, transformer.mask_token  (present only in image_mim stages)
-    heads              mlm_head + itc_heads + itm_head + mim_head
+    task_heads         vqa_classifier.*, nlvr2_classifier.*  (fine-tuning heads, vlmo_ds.tasks.heads)
+    heads              mlm_head + itc_heads + itm_head + mim_head + task_heads
 
 Every parameter of a VLMo belongs to exactly one group other than `heads`; vlmo_ds.train.freeze refuses a model
 with a parameter no group claims, so a new parameter cannot silently escape freezing.
@@ -26,7 +27,7 @@ from collections.abc import Iterable
 
 from vlmo_ds.model.config import ModelConfig
 
-UMBRELLAS = {"heads": ("mlm_head", "itc_heads", "itm_head", "mim_head")}
+UMBRELLAS = {"heads": ("mlm_head", "itc_heads", "itm_head", "mim_head", "task_heads")}
 
 _BLOCK = {"norm1": "attention", "attn": "attention", "gamma_1": "attention", "gamma_2": "attention",
           "norm2_imag": "image_experts", "mlp_imag": "image_experts", "norm2_text": "text_experts",
@@ -37,7 +38,8 @@ _TOP = {"text_embeddings": "text_embeddings", "token_type_embeddings": "modality
         "relative_position_bias_table": "relative_position", "mlm_score": "mlm_head", "mim_head": "mim_head",
         "itc_text_proj": "itc_heads", "itc_image_proj": "itc_heads", "itc_vl_text_proj": "itc_heads",
         "itc_vl_image_proj": "itc_heads", "logit_scale": "itc_heads", "logit_vl_scale": "itc_heads",
-        "itm_score": "itm_head", "pooler": "itm_head"}
+        "itm_score": "itm_head", "pooler": "itm_head", "vqa_classifier": "task_heads",
+        "nlvr2_classifier": "task_heads"}
 
 
 def group_of(name: str) -> str | None:
@@ -60,7 +62,7 @@ def expand(groups: Iterable[str]) -> frozenset[str]:
 
 def present_groups(cfg: ModelConfig) -> frozenset[str]:
     """The groups that hold at least one parameter in a model built from `cfg`: all, less mim_head without a MIM
-    head and relative_position without the relative bias."""
+    head, relative_position without the relative bias, and task_heads (attached by vlmo_ds.tasks, not built)."""
     every = set(_BLOCK.values()) | set(_TRANSFORMER.values()) | set(_TOP.values())
-    absent = {"mim_head"} if cfg.mim_targets is None else set()
+    absent = {"task_heads"} | ({"mim_head"} if cfg.mim_targets is None else set())
     return frozenset(every - absent - (set() if cfg.rel_pos else {"relative_position"}))

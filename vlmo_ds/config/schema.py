@@ -22,6 +22,7 @@ LOSS_KEYS: dict[str, tuple[str, ...]] = {
 TRAINABLE_GROUPS = (
     "text_embeddings", "modality_types", "attention", "image_experts", "text_experts", "vl_experts",
     "relative_position", "final_norm", "heads", "mlm_head", "itc_heads", "itm_head", "mim_head", "patch_embed",
+    "task_heads",
 )
 
 # The image-only stage: everything an image passes through learns; text embeddings, text and VL experts and the

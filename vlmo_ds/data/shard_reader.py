@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import re
 import tarfile
-from typing import IO
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
@@ -159,3 +161,28 @@ class ShardReader:
             self._raw.close()
         except OSError as err:  # a pipe: command killed by the early close may report a failure; nothing is lost
             logger.debug("closing %s: %s", self.url, err)
+
+
+def index_samples(urls: Iterable[str], skipped: Counter, label: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(url, byte offset, sample) of every sample of the shards in order, for building an evaluation index. A
+    truncated shard keeps the samples before the cut; each cut counts once in skipped["truncated_tar"] and is logged
+    under `label`."""
+    for url in urls:
+        try:
+            reader = ShardReader(url)
+        except ShardTruncated as err:
+            logger.warning("%s: %s", label, err)
+            skipped["truncated_tar"] += 1
+            continue
+        try:
+            while True:
+                offset = reader.next_offset
+                sample = reader.next_sample()
+                if sample is None:
+                    break
+                yield url, offset, sample
+        except ShardTruncated as err:
+            logger.warning("%s: %s; the samples before the cut are used", label, err)
+            skipped["truncated_tar"] += 1
+        finally:
+            reader.close()

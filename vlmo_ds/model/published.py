@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -28,6 +29,7 @@ DERIVED_KEYS = ("relative_position_index", "text_relative_position_index", "text
                 "text_embeddings.position_ids")
 UNUSED_WITH_REL_POS = ("text_embeddings.position_embeddings.weight",)
 OURS_ONLY_PREFIXES = ("transformer.mask_token", "mim_head.")
+CONTAINERS = ("state_dict", "module", "model")
 SCALARS = ("logit_scale", "logit_vl_scale")  # published shape [], ours [1]
 
 
@@ -44,15 +46,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as err:  # unpickling refused or a corrupt file: say which and what to do
             raise ValueError(f"cannot read {path} as a weights-only torch checkpoint ({err}); "
                              "convert it to safetensors from a trusted environment") from err
+    return state_tensors(state, path)
+
+
+def state_tensors(state: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint object: at top level or under state_dict / module / model (the first that
+    is a dict), "module." stripped; ValueError naming `path` when there are none."""
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    for container in ("state_dict", "module", "model"):
+    for container in CONTAINERS:
         if isinstance(state.get(container), dict):
             state = state[container]
             break
     tensors = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ValueError(f"{path} holds no tensors at top level or under state_dict / module / model")
+        raise ValueError(f"{path} holds no tensors at top level or under {' / '.join(CONTAINERS)}")
     return tensors
 
 

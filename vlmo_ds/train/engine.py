@@ -29,8 +29,10 @@ def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, betas: tupl
 
 
 def set_lr(engine, lr: float) -> None:
+    """The schedule's learning rate for every group; a group tagged lr_scale (the fine-tuning heads' multiplier,
+    vlmo_ds.tasks.optim) gets lr x lr_scale."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def compute_dtype(engine) -> torch.dtype:

@@ -27,6 +27,16 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One member with fixed metadata (mtime 0, uid/gid 0, no user names, mode 0644): bytes that depend on content
+    only."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     """Write ``data`` as indented JSON under a temporary name, then rename it into place."""
     tmp = path.with_name(path.name + ".tmp")
@@ -83,12 +93,7 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         for ext in sorted(members):
-            data = members[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            add_member(self._tar, f"{key}.{ext}", members[ext])
         self._count += 1
         if self._count >= self.shard_size or self._tar.offset >= self.shard_bytes:
             self._finish()

@@ -8,7 +8,7 @@ from typing import Any
 
 from vlmo_ds.data.synthetic.scene import family_sizes
 
-VERSION = 5  # bump whenever the same config would produce different bytes
+VERSION = 6  # bump whenever the same config would produce different bytes
 SPLITS: tuple[str, ...] = (
     "pretrain_pairs", "retrieval_train", "retrieval_test", "images", "text", "text_heldout",
     "vqa_train", "vqa_val", "nlvr2_train", "nlvr2_dev",

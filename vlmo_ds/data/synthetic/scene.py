@@ -4,9 +4,9 @@ A *composition* is what a caption states (for example "a red shape above a blue 
 layout that makes it true (object positions, shapes, exact radii, colour jitter, background). Several scenes share a
 composition; a caption names its composition exactly, so held-out compositions give held-out captions.
 
-Captions state colours, sizes, counts, vertical places and vertical order; every object also has a shape, drawn at
-random and named only by the VQA and NLVR2 questions. Trios and quartets state a set of colours, in any layout. The reason is measured, not taste: a small ViT with 16-pixel
-patches tells colours, sizes, places and vertical order apart within a few hundred steps, but needs thousands to tell
+Captions, VQA questions and NLVR2 statements state colours, sizes, counts, vertical places and vertical order; every
+object also has a shape, drawn at random and named nowhere. Trios and quartets state a set of colours, in any layout.
+The reason is measured, not taste: a small ViT with 16-pixel patches tells colours, sizes, places and vertical order apart within a few hundred steps, but needs thousands to tell
 shapes a few pixels wide apart, so captions that hinge on shape would make the CPU quick start measure patience, not
 whether vision-language training works. For the same reason there are no ordered chains of three (its contrastive text
 features stay nearly blind to the order of three colours for the whole quick start; measured).

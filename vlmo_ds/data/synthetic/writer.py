@@ -13,7 +13,6 @@ last: a folder with a manifest is a complete data set.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import contextlib
@@ -24,6 +23,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from vlmo_ds.data.formats.shard_writer import add_member, shard_name, write_json_atomic
 from vlmo_ds.data.synthetic.captions import caption_vocabulary
 from vlmo_ds.data.synthetic.config import VERSION, SyntheticConfig
 from vlmo_ds.data.synthetic.scene import FAMILIES
@@ -36,28 +36,12 @@ SIZES = "sizes.json"
 _CHUNK = 64  # samples per task handed to a worker process
 
 
-def shard_name(index: int) -> str:
-    """'shard-000003.tar' for index 3."""
-    return f"shard-{index:06d}.tar"
-
-
 def _write_shard(path: Path, samples: list[Sample]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for key, members in samples:
             for ext in sorted(members):
-                data = members[ext]
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
-
-
-def _dump_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+                add_member(tar, f"{key}.{ext}", members[ext])
     os.replace(tmp, path)
 
 
@@ -95,7 +79,7 @@ def _write_split(
             sizes[name] = len(batch)
             progress(len(batch))
             batch = []
-    _dump_json(folder / SIZES, sizes)
+    write_json_atomic(folder / SIZES, sizes)
     return len(sizes)
 
 
@@ -149,7 +133,7 @@ def write_synthetic(
                 shards[split] = _write_split(out / split, samples, n, config.shard_size, report)
                 logger.info("synthetic %s: %d samples in %d shards", split, n, shards[split])
     manifest = _manifest(config, plan, shards)
-    _dump_json(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
