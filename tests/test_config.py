@@ -25,6 +25,7 @@ from vlmo_ds.config import (
 )
 from vlmo_ds.config.load import RECIPES
 from vlmo_ds.model.config import PRESETS
+from vlmo_ds.tasks.optim import head_lr_mult
 
 SCHEMA = Path(__file__).resolve().parents[1] / "vlmo_ds" / "config" / "schema.py"
 
@@ -290,7 +291,8 @@ def test_model_config_vocab_and_stage(tmp_path):
 
 
 def test_shipped_recipes():
-    assert shipped_recipes() == ["base", "large", "tiny", "tiny_image_text"]
+    assert shipped_recipes() == ["base", "base_finetune", "large", "large_finetune", "tiny", "tiny_finetune",
+                                 "tiny_image_text"]
     tiny = load_config("tiny")
     assert tiny.run_dir == "runs/tiny" and tiny.model.preset == "tiny"
     assert tiny.model.overrides == {"vocab_size": "auto", "patch_size": 16, "max_text_len": 64, "rel_pos": False,
@@ -298,7 +300,7 @@ def test_shipped_recipes():
     assert (tiny.tokenizer, tiny.eval.retrieval) == ("data/synthetic/tok.model", "data/synthetic/retrieval_test")
     assert Path(tiny.deepspeed).name == "cpu.json" and tiny.precision == "fp32"
     assert [(s.name, s.kind, s.steps) for s in tiny.stages] == [
-        ("image_mim", "image_mim", 300), ("text_mlm", "text_mlm", 300), ("image_text", "image_text", 2000)]
+        ("image_mim", "image_mim", 150), ("text_mlm", "text_mlm", 150), ("image_text", "image_text", 1800)]
     assert (tiny.train.micro_batch, tiny.train.global_batch, tiny.optim.lr) == (32, 32, 1e-3)
     assert [s.data[0].shards for s in tiny.stages] == [
         "data/synthetic/images", "data/synthetic/text", "data/synthetic/pretrain_pairs"]
@@ -318,6 +320,22 @@ def test_shipped_recipes():
         assert cfg.stages[1].text_len == 196 and cfg.stages[1].trainable == STAGE2_TRAINABLE
         assert cfg.stages[2].text_len == 40 and cfg.stages[2].whole_word is True
         assert stage_plan(cfg, 2, dp_size=8).accumulation == 1024 // (micro * 8)
+
+
+def test_shipped_finetuning_recipes_hold_the_published_numbers():
+    published = {  # stage: (lr base, lr large, image size, global batch, drop path base, drop path large)
+        "coco_retrieval": (3e-5, 2e-5, 384, 3072, 0.2, 0.2), "f30k_retrieval": (3e-5, 2e-5, 384, 3072, 0.15, 0.2),
+        "vqa": (3e-5, 1.5e-5, 480, 128, 0.15, 0.15), "nlvr2": (5e-5, 3e-5, 384, 128, None, 0.15)}
+    for column, name in enumerate(("base", "large")):
+        cfg = load_config(f"{name}_finetune", world_size=8)
+        assert [s.kind for s in cfg.stages] == ["retrieval", "retrieval", "vqa", "nlvr2"]
+        for stage in cfg.stages:
+            lr, size, batch, drop = (published[stage.name][column], *published[stage.name][2:4],
+                                     published[stage.name][4 + column])
+            assert (stage.lr, stage.image_size, stage.global_batch or cfg.train.global_batch) == (lr, size, batch)
+            assert stage.drop_path_rate == drop and stage.init_from == f"runs/{name}/stages/image_text/weights.safetensors"
+        assert [s.steps for s in cfg.stages][:2] == [3000, 1500] and cfg.stages[0].loss_weights == {"itc": 1.0, "itm": 0.0}
+        assert head_lr_mult(cfg.stages[2]) == 20.0 and cfg.optim.warmup == 0.1
 
 
 def test_shipped_recipes_comment_every_number():

@@ -28,11 +28,11 @@ def _agreeing_itm(sim: torch.Tensor, owners: torch.Tensor, sign: float = 1.0) ->
     return sign * torch.where(right, 5.0, -5.0)
 
 
-def _rerank(sim, owners, itm, k, ks=(1, 2, 3)):
+def _rerank(sim, owners, itm, k, ks=(1, 2, 3), itc_scale=1.0):
     i2t, t2i = top_candidates(sim, k)
     tr_scores = itm.gather(1, i2t)
     ir_scores = itm.t().gather(1, t2i)
-    return reranked_recall(*reranked_matrices(sim, i2t, tr_scores, t2i, ir_scores), owners, ks)
+    return reranked_recall(*reranked_matrices(sim, i2t, tr_scores, t2i, ir_scores, itc_scale), owners, ks)
 
 
 def test_candidates_by_hand():
@@ -101,7 +101,7 @@ def _direct(model, folder, k):
         logits = model.itm_logits(model.encode_pair(text["text_ids"].repeat(n_i, 1), text["text_mask"].repeat(n_i, 1),
                                                     pairs_image))
         itm = (logits[:, 1] - logits[:, 0]).reshape(n_i, n_t)
-    return _rerank(sim, data.text_to_image, itm, k, ks=(1, 5, 10))
+    return _rerank(sim, data.text_to_image, itm, k, ks=(1, 5, 10), itc_scale=float(model.logit_scale.exp()))
 
 
 def test_evaluate_retrieval_reranks_as_a_direct_computation(tmp_path):
@@ -135,3 +135,14 @@ def test_two_ranks_rerank_as_one(tmp_path):
         assert {k: metrics[k] for k in keys} == pytest.approx({k: single[k] for k in keys}, abs=1e-9)
     (_, calls0), (_, calls1) = results
     assert calls0 == calls1 and "_itm_scores" in calls0
+
+
+def test_itc_scale_weighs_the_similarity_as_a_logit():
+    """The candidates' order is ITM log-odds + itc_scale x similarity: a large scale keeps the ITC order."""
+    i2t, t2i = top_candidates(SIM, 2)
+    scores = torch.tensor([[-3.0, 4.0], [0.0, 0.0], [1.0, -1.0]])
+    zeros = torch.zeros(4, 2)
+    top = torch.argsort(reranked_matrices(SIM, i2t, scores, t2i, zeros)[0][0], descending=True)[:2].tolist()
+    assert top == [2, 1]  # 4.0 + 0.5 beats -3.0 + 0.9
+    tr, _ = reranked_matrices(SIM, i2t, scores, t2i, zeros, itc_scale=100.0)
+    assert torch.argsort(tr[0], descending=True)[:2].tolist() == i2t[0].tolist()  # -3 + 90 beats 4 + 50

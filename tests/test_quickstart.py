@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from vlmo_ds.config import load_config
-from vlmo_ds.quickstart import image_text_only, recipe_overrides, side_by_side
+from vlmo_ds.quickstart import FINETUNE, image_text_only, pretrained_weights, recipe_overrides, side_by_side
 
 
 def test_every_stage_reads_its_kind_of_split():
@@ -14,6 +14,17 @@ def test_every_stage_reads_its_kind_of_split():
         "/data/syn/tok.model", "/data/syn/retrieval_test", "/data/syn/text_heldout")
     tiny = load_config("tiny_image_text", recipe_overrides("tiny_image_text", root))
     assert [s.data[0].shards for s in tiny.stages] == ["/data/syn/pretrain_pairs"] and tiny.eval.text_mlm is None
+
+
+def test_fine_tuning_reads_each_task_split_from_the_pretrained_weights():
+    root = Path("/data/syn")
+    weights = pretrained_weights(load_config("tiny", ["run_dir=/runs/q"]))
+    assert weights == Path("/runs/q/stages/image_text/weights.safetensors")
+    cfg = load_config(FINETUNE, recipe_overrides(FINETUNE, root, weights))
+    assert [(s.kind, s.data[0].shards, s.eval_data, s.init_from) for s in cfg.stages] == [
+        (kind, f"/data/syn/{train}", f"/data/syn/{held_out}", str(weights))
+        for kind, train, held_out in (("retrieval", "retrieval_train", "retrieval_test"),
+                                      ("vqa", "vqa_train", "vqa_val"), ("nlvr2", "nlvr2_train", "nlvr2_dev"))]
 
 
 def test_ablation_baseline_is_the_image_text_stage_for_all_steps():

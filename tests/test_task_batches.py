@@ -12,7 +12,7 @@ from vlmo_ds.data.synthetic import SyntheticConfig, write_synthetic
 from vlmo_ds.data.synthetic.questions import answer_vocabulary
 from vlmo_ds.data.task_batches import (Nlvr2Pipeline, RetrievalPipeline, VqaPipeline, dense_targets, nlvr2_loader,
                                        vqa_loader)
-from vlmo_ds.tasks.answers import load_answer_vocab, save_answer_vocab
+from vlmo_ds.tasks.answers import answer_vocab_text, load_answer_vocab
 from vlmo_ds.tasks.kinds import build_task_loader
 
 ANSWERS = ["yes", "no", "2", "red", "blue"]
@@ -127,7 +127,7 @@ def test_answer_table_lookup(tmp_path):
         load_answer_vocab(synthetic / "vqa_train")
     shards = tmp_path / "vqa" / "val"
     shards.mkdir(parents=True)
-    save_answer_vocab(tmp_path / "vqa" / "answer_vocab.json", ANSWERS, "test")
+    (tmp_path / "vqa" / "answer_vocab.json").write_text(answer_vocab_text(ANSWERS, "test"))
     assert load_answer_vocab(shards) == ANSWERS == load_answer_vocab(tmp_path / "vqa" / "answer_vocab.json")
     (tmp_path / "plain" / "val").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="answer_vocab.json"):

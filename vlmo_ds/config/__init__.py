@@ -13,11 +13,12 @@ plan (per-stage numbers, ModelConfig), ds_json (DeepSpeed JSON), load (the entry
 from vlmo_ds.config.ds_json import deepspeed_config
 from vlmo_ds.config.errors import ConfigError, MissingFileError, main_errors
 from vlmo_ds.config.load import check_files, find_recipe, load_config, shipped_recipes, to_dict
-from vlmo_ds.config.plan import StagePlan, accumulation, find_stage, model_config, stage_plan
+from vlmo_ds.config.plan import StagePlan, accumulation, find_stage, model_config, stage_plan, start_stage
 from vlmo_ds.config.schema import (
     STAGE1_TRAINABLE,
     STAGE2_TRAINABLE,
     STAGE_KINDS,
+    TASK_KINDS,
     TRAINABLE_GROUPS,
     DataSource,
     EvalSection,
@@ -32,6 +33,7 @@ from vlmo_ds.config.schema import (
 __all__ = [
     "ConfigError", "DataSource", "EvalSection", "MissingFileError", "ModelSection", "OptimSection",
     "ParallelSection", "RunConfig", "STAGE1_TRAINABLE", "STAGE2_TRAINABLE", "STAGE_KINDS", "StageConfig", "StagePlan",
-    "TRAINABLE_GROUPS", "TrainSection", "accumulation", "check_files", "deepspeed_config", "find_recipe",
-    "find_stage", "load_config", "main_errors", "model_config", "shipped_recipes", "stage_plan", "to_dict",
+    "TASK_KINDS", "TRAINABLE_GROUPS", "TrainSection", "accumulation", "check_files", "deepspeed_config",
+    "find_recipe", "find_stage", "load_config", "main_errors", "model_config", "shipped_recipes", "stage_plan",
+    "start_stage", "to_dict",
 ]

@@ -11,17 +11,17 @@ import sys
 import yaml
 
 from vlmo_ds.config.errors import main_errors
-from vlmo_ds.config.load import load_config, to_dict
+from vlmo_ds.config.load import load_config, shipped_recipes, to_dict
 from vlmo_ds.config.plan import stage_plan
 
 
 @main_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vlmo_ds.config", description=__doc__.split("\n")[0])
-    parser.add_argument("recipe", help="recipe YAML path or shipped name (tiny, base, large)")
+    parser.add_argument("recipe", help=f"recipe YAML path or shipped name ({', '.join(shipped_recipes())})")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.lr=1e-4 stages.0.steps=50")
     parser.add_argument("--world-size", type=int, default=1, help="total ranks the run will use (default 1)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the overrides
     cfg = load_config(args.recipe, args.overrides, world_size=args.world_size)
     dp = args.world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
     out = sys.stdout

@@ -17,6 +17,7 @@ from typing import Any
 from vlmo_ds.config.build import build_section
 from vlmo_ds.config.ds_json import json_precision, json_zero_stage, read_ds_json, resolve_path
 from vlmo_ds.config.errors import ConfigError, MissingFileError
+from vlmo_ds.config.plan import start_stage
 from vlmo_ds.config.schema import ModelSection, RunConfig
 from vlmo_ds.config.validate import validate
 from vlmo_ds.config.yaml_tree import apply_override, parse_override, read_recipe
@@ -99,6 +100,7 @@ def check_files(cfg: RunConfig) -> None:
                                "(the quick start makes data/synthetic/tok.model) or point to a BERT vocab.txt")
     sources = [(f"stages.{i}.data.{j}.shards", src.shards)
                for i, stage in enumerate(cfg.stages) for j, src in enumerate(stage.data)]
+    sources += [(f"stages.{i}.eval_data", stage.eval_data) for i, stage in enumerate(cfg.stages) if stage.eval_data]
     for key in ("retrieval", "text_mlm"):
         if getattr(cfg.eval, key) is not None:
             sources.append((f"eval.{key}", getattr(cfg.eval, key)))
@@ -109,3 +111,30 @@ def check_files(cfg: RunConfig) -> None:
             raise MissingFileError(f"{key}: {err}") from None
         except ValueError as err:
             raise ConfigError(f"{key}: {err}") from None
+    _check_start_files(cfg)
+    _check_answer_tables(cfg)
+
+
+def _check_start_files(cfg: RunConfig) -> None:
+    """A stage's init_from names an earlier stage or a weights file (which a pre-training run may still have to
+    write when its recipe is loaded: the quick start's fine-tuning)."""
+    for index, stage in enumerate(cfg.stages):
+        if stage.init_from is None or start_stage(cfg, index) is not None or Path(stage.init_from).is_file():
+            continue
+        earlier = [s.name for s in cfg.stages[:index]]
+        raise MissingFileError(f"stages.{index}.init_from: {stage.init_from} is neither an earlier stage of this "
+                               f"recipe ({', '.join(earlier) or 'none'}) nor a file; give a stage name or a "
+                               ".safetensors / weights-only .pt state dict (RUN_DIR/stages/NAME/weights.safetensors)")
+
+
+def _check_answer_tables(cfg: RunConfig) -> None:
+    """Every vqa stage finds its answer table (stages.N.answers, else beside its training shards)."""
+    from vlmo_ds.tasks.answers import stage_answers  # reads the synthetic generator's table: only when needed
+
+    for i, stage in enumerate(cfg.stages):
+        try:
+            stage_answers(stage)
+        except FileNotFoundError as err:
+            raise MissingFileError(f"stages.{i}.answers: {err}") from None
+        except ValueError as err:
+            raise ConfigError(f"stages.{i}.answers: {err}") from None

@@ -12,7 +12,7 @@ from typing import Any
 
 from vlmo_ds.config.errors import ConfigError
 from vlmo_ds.config.schema import RunConfig, StageConfig
-from vlmo_ds.model.config import PRESETS, ModelConfig
+from vlmo_ds.model.config import NLVR2_MODALITY_TYPES, PRESETS, ModelConfig
 
 
 def find_stage(cfg: RunConfig, stage: int | str) -> tuple[int, StageConfig]:
@@ -21,6 +21,22 @@ def find_stage(cfg: RunConfig, stage: int | str) -> tuple[int, StageConfig]:
         if stage == index or stage == item.name:
             return index, item
     raise ConfigError(f"stages: no stage {stage!r}; stages are {', '.join(s.name for s in cfg.stages)}")
+
+
+def start_stage(cfg: RunConfig, index: int) -> int | None:
+    """The index of the stage whose final weights stage `index` starts from: the one init_from names, else the
+    previous one; None for the first stage and for init_from files."""
+    init_from = cfg.stages[index].init_from
+    if init_from is None:
+        return index - 1 if index > 0 else None
+    names = [s.name for s in cfg.stages]
+    if init_from not in names:
+        return None
+    at = names.index(init_from)
+    if at >= index:
+        raise ConfigError(f"stages.{index}.init_from: stage '{init_from}' does not run before stage "
+                          f"'{cfg.stages[index].name}'; name an earlier stage or a weights file")
+    return at
 
 
 def model_value(cfg: RunConfig, name: str) -> Any:
@@ -38,8 +54,8 @@ def _model_error(err: ValueError, keys: dict[str, str]) -> ConfigError:
 
 
 def model_config(cfg: RunConfig, vocab_size: int | None = None, stage: int | str | None = None) -> ModelConfig:
-    """The ModelConfig of a run, of one stage when `stage` is given (its image_size / text_len / mim_target applied;
-    the MIM head only in image_mim stages).
+    """The ModelConfig of a run, of one stage when `stage` is given (its image_size / text_len / drop_path_rate /
+    mim_target applied; the MIM head only in image_mim stages; the third modality type row in nlvr2 stages).
 
     vocab_size is the tokenizer's size: it replaces a recipe's "auto" and must not exceed a fixed model.vocab_size.
     """
@@ -69,12 +85,17 @@ def model_config(cfg: RunConfig, vocab_size: int | None = None, stage: int | str
         elif item.mim_target is not None:
             fields["mim_targets"] = item.mim_target
             keys["mim_targets"] = f"stages.{index}.mim_target"
+        if item.kind == "nlvr2":
+            fields["num_modality_types"] = max(NLVR2_MODALITY_TYPES, fields.get("num_modality_types", 2))
         if item.image_size is not None:
             fields["image_size"] = item.image_size
             keys["image_size"] = f"stages.{index}.image_size"
         if item.text_len is not None:
             fields["max_text_len"] = item.text_len
             keys["max_text_len"] = f"stages.{index}.text_len"
+        if item.drop_path_rate is not None:
+            fields["drop_path_rate"] = item.drop_path_rate
+            keys["drop_path_rate"] = f"stages.{index}.drop_path_rate"
     try:
         return PRESETS[section.preset].replace(**fields)
     except ValueError as err:

@@ -10,12 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-STAGE_KINDS = ("image_text", "text_mlm", "image_mim")
+PRETRAIN_KINDS = ("image_text", "text_mlm", "image_mim")
+TASK_KINDS = ("retrieval", "vqa", "nlvr2")
+"""Fine-tuning stages (vlmo_ds.tasks): they start from a pre-training stage's weights and end with their task's
+evaluation on the stage's eval_data."""
+STAGE_KINDS = PRETRAIN_KINDS + TASK_KINDS
 
 LOSS_KEYS: dict[str, tuple[str, ...]] = {
     "image_text": ("itc", "itm", "mlm"),
     "text_mlm": ("mlm",),
     "image_mim": ("mim",),
+    "retrieval": ("itc", "itm"),
+    "vqa": ("vqa",),
+    "nlvr2": ("nlvr2",),
 }
 
 # Parameter groups a stage's `trainable` list names; vlmo_ds.config.groups says which parameters each holds.
@@ -39,6 +46,10 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "image_text": {"loss_weights": {"itc": 1.0, "itm": 1.0, "mlm": 0.25}, "whole_word": False, "trainable": "all"},
     "text_mlm": {"loss_weights": {"mlm": 1.0}, "whole_word": True, "trainable": STAGE2_TRAINABLE},
     "image_mim": {"loss_weights": {"mim": 1.0}, "whole_word": False, "trainable": STAGE1_TRAINABLE},
+    # published retrieval fine-tuning is ITC alone; itm > 0 also trains the ITM head that re-ranking uses
+    "retrieval": {"loss_weights": {"itc": 1.0, "itm": 0.0}, "whole_word": False, "trainable": "all"},
+    "vqa": {"loss_weights": {"vqa": 1.0}, "whole_word": False, "trainable": "all"},
+    "nlvr2": {"loss_weights": {"nlvr2": 1.0}, "whole_word": False, "trainable": "all"},
 }
 
 RESUME_WORDS = ("auto", "none")
@@ -131,6 +142,8 @@ class EvalSection:
     """Samples per rank per evaluation forward pass."""
     text_mlm: str | None = None
     """Held-out text shards: MLM accuracy (beside the unigram baseline) at the end of each text_mlm stage."""
+    rerank_k: int = 0
+    """Retrieval evaluations also re-rank each query's k best candidates with the ITM head (0: off)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,12 +158,15 @@ class DataSource:
 
 @dataclass(frozen=True, kw_only=True)
 class StageConfig:
-    """One pre-training stage: its data, objectives, trainable parameters and schedule."""
+    """One stage: pre-training (image_text, text_mlm, image_mim) or fine-tuning (retrieval, vqa, nlvr2): its data,
+    objectives, trainable parameters and schedule."""
 
     name: str
     """Unique name: a letter, then letters, digits, '_', '-', '.'; checkpoints, logs and overrides use it."""
     kind: str
-    """image_text (ITC + ITM + MLM), text_mlm (text-only MLM) or image_mim (image-only masked image modelling)."""
+    """image_text (ITC + ITM + MLM), text_mlm (text-only MLM), image_mim (image-only masked image modelling), or a
+    fine-tuning task: retrieval (ITC of the dual encoder, optionally ITM), vqa (soft-score BCE on the published head),
+    nlvr2 (two fused passes, the published head)."""
     data: tuple[DataSource, ...]
     """Shard sources; a recipe may give one path, or a list of paths and {shards, weight} mappings (mixed by weight
     in chunks of each micro-batch)."""
@@ -170,6 +186,8 @@ class StageConfig:
     """Image resolution of this stage; null = the model's image_size."""
     text_len: int | None = None
     """Text length of this stage; null = the model's max_text_len; at most model.table_text_len."""
+    drop_path_rate: float | None = None
+    """Stochastic depth of this stage; null = the model's drop_path_rate (published fine-tuning: 0.1-0.2 by task)."""
     trainable: str | tuple[str, ...] = "all"
     """"all" or a list of parameter groups (TRAINABLE_GROUPS); text_mlm defaults to the published stage-2 set,
     image_mim to the image path (STAGE1_TRAINABLE). The rest is frozen: no gradient, no optimizer state."""
@@ -183,8 +201,10 @@ class StageConfig:
     """image_mim: "pixels" (normalised patch pixels) or "tokens" (visual-token ids, KEY.vtok.npy in the shards);
     null = model.mim_targets."""
     init_from: str | None = None
-    """Start this stage from these weights (.safetensors or a weights-only .pt/.pth state dict) instead of the
-    previous stage's; e.g. a BEiT checkpoint converted by the checkpoint tools. null = the previous stage's."""
+    """Start this stage from other weights than the previous stage's: the name of an earlier stage of this recipe
+    (its final weights: fine-tuning stages all start from the pre-trained ones), or a file (.safetensors or a
+    weights-only .pt/.pth state dict, e.g. a converted BEiT or published VLMo checkpoint). null = the previous
+    stage's."""
     init_vl_from_text: bool = False
     """At this stage's start, copy each VL block's text expert into its VL expert (published: VL experts random)."""
     randaug: bool = True
@@ -193,6 +213,14 @@ class StageConfig:
     """Random horizontal flip of training images."""
     crop_scale: tuple[float, float] = (0.5, 1.0)
     """Area range of the random resized crop (published 0.5-1; a narrower range keeps positions in captions true)."""
+    eval_data: str | None = None
+    """Fine-tuning stages: the held-out split evaluated at the stage's end (retrieval test images with captions,
+    VQA val, NLVR2 dev or test-P); a retrieval stage falls back to eval.retrieval; null = no evaluation."""
+    answers: str | None = None
+    """vqa: the answer table (answer_vocab.json, or a folder holding it); null = the one beside the training shards
+    (tools/make_shards.py vqa2 writes it there; the synthetic splits carry theirs)."""
+    head_lr_mult: float | None = None
+    """Fine-tuning: the task head's learning rate is lr x this; null = published (vqa 20, nlvr2 1)."""
 
 
 @dataclass(frozen=True, kw_only=True)

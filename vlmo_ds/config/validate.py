@@ -12,11 +12,12 @@ from typing import Any
 
 from vlmo_ds.config.errors import ConfigError, MissingFileError, did_you_mean
 from vlmo_ds.config.groups import expand, present_groups
-from vlmo_ds.config.plan import accumulation, model_config, model_value, warmup_steps
+from vlmo_ds.config.plan import accumulation, model_config, model_value, start_stage, warmup_steps
 from vlmo_ds.config.schema import (
     LOSS_KEYS,
     MIM_TARGETS,
     RESUME_WORDS,
+    TASK_KINDS,
     TRAINABLE_GROUPS,
     RunConfig,
     StageConfig,
@@ -124,6 +125,7 @@ def _check_train(cfg: RunConfig) -> None:
                                "'auto' (latest in the run folder, if any) or 'none'")
     _positive(cfg.eval.every, "eval.every", allow_zero=True)
     _positive(cfg.eval.batch, "eval.batch")
+    _positive(cfg.eval.rerank_k, "eval.rerank_k", allow_zero=True)
 
 
 def _check_stage(cfg: RunConfig, index: int, stage: StageConfig, world_size: int | None) -> None:
@@ -175,12 +177,34 @@ def _check_stage(cfg: RunConfig, index: int, stage: StageConfig, world_size: int
     model_cfg = model_config(cfg, _vocab_stand_in(cfg), stage=index)
     if stage.trainable != "all":
         _check_groups_present(key, stage, model_cfg)
-    if stage.init_from is not None and not Path(stage.init_from).is_file():
-        raise MissingFileError(f"{key}.init_from: {stage.init_from} does not exist; give a .safetensors or "
-                               "weights-only .pt state dict (a finished stage's: "
-                               "RUN_DIR/stages/NAME/weights.safetensors)")
-    if index > 0 and stage.init_from is None:
-        _check_transition(index, model_config(cfg, _vocab_stand_in(cfg), stage=index - 1), model_cfg)
+    _check_task(cfg, index, stage)
+    before = start_stage(cfg, index)
+    if before is not None:
+        _check_transition(index, before, model_config(cfg, _vocab_stand_in(cfg), stage=before), model_cfg)
+
+
+def _check_task(cfg: RunConfig, index: int, stage: StageConfig) -> None:
+    """What only fine-tuning stages have (eval_data, answers, head_lr_mult), and what they need: one data source,
+    data-parallel layouts (the task heads and evaluations run on whole models)."""
+    key = f"stages.{index}"
+    task = stage.kind in TASK_KINDS
+    for name, allowed in (("eval_data", task), ("answers", stage.kind == "vqa"),
+                          ("head_lr_mult", stage.kind in ("vqa", "nlvr2"))):
+        if getattr(stage, name) is not None and not allowed:
+            where = "vqa stages" if name == "answers" else ("vqa and nlvr2 stages (the task heads)"
+                                                            if name == "head_lr_mult" else "fine-tuning stages")
+            raise ConfigError(f"{key}.{name}: only {where} have it, this is a {stage.kind} stage; remove it")
+    if not task:
+        return
+    _positive(stage.head_lr_mult, f"{key}.head_lr_mult")
+    if len(stage.data) > 1:
+        raise ConfigError(f"{key}.data: a {stage.kind} stage reads one shard source, got {len(stage.data)}; "
+                          "merge the splits into one folder or pattern")
+    par = cfg.parallel
+    if par.tensor > 1 or par.pipeline > 1:
+        raise ConfigError(f"{key}.kind: {stage.kind} fine-tuning runs data-parallel (any ZeRO stage), not "
+                          f"parallel.tensor={par.tensor} x parallel.pipeline={par.pipeline}; run it as a recipe of "
+                          "its own with parallel.tensor=1 and parallel.pipeline=1")
 
 
 def _check_mim(cfg: RunConfig, index: int, stage: StageConfig) -> None:
@@ -212,16 +236,16 @@ def _check_groups_present(key: str, stage: StageConfig, model_cfg: ModelConfig) 
         raise ConfigError(f"{key}.trainable: names no parameter of this stage's model; add a group that trains")
 
 
-def _check_transition(index: int, before: ModelConfig, after: ModelConfig) -> None:
-    """A stage starts from the previous stage's weights: every shape change between the two needs a resize rule
+def _check_transition(index: int, source: int, before: ModelConfig, after: ModelConfig) -> None:
+    """A stage starts from stage `source`'s weights: every shape change between the two needs a resize rule
     (vlmo_ds.train.transition). The relative table needs none for text (its text rows are sized by
     model.table_text_len) and has BEiT's interpolation for images; absolute image positions are interpolated;
     absolute text positions can be cut, not grown."""
     if not after.rel_pos and after.max_text_len > before.max_text_len:
-        raise ConfigError(f"stages.{index}.text_len: {after.max_text_len} is longer than stages.{index - 1}'s "
+        raise ConfigError(f"stages.{index}.text_len: {after.max_text_len} is longer than stages.{source}'s "
                           f"{before.max_text_len}, and absolute text positions (model.rel_pos=false) have no rule to "
                           f"grow; keep stages.{index}.text_len <= {before.max_text_len} or set "
-                          f"stages.{index}.init_from")
+                          f"stages.{index}.init_from to a weights file")
 
 
 def validate(cfg: RunConfig, ds: dict[str, Any], world_size: int | None = None) -> None:

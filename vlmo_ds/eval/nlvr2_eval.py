@@ -21,9 +21,8 @@ from torch import nn
 from vlmo_ds.data.shards import ShardSource
 from vlmo_ds.data.tokenizer import Tokenizer
 from vlmo_ds.eval.nlvr2 import nlvr2_metrics, write_predictions
-from vlmo_ds.eval.sharded import (balanced_calls, evaluating, gather_rows, model_dtype, progress, rank_slice,
-                                  slice_sizes, steps_needed)
-from vlmo_ds.eval.task_sets import TaskInputs, load_task_set
+from vlmo_ds.eval.sharded import model_dtype
+from vlmo_ds.eval.task_sets import TaskInputs, load_task_set, predict_labels
 from vlmo_ds.tasks.nlvr2 import nlvr2_logits
 
 logger = logging.getLogger(__name__)
@@ -51,17 +50,7 @@ def evaluate_nlvr2(model: nn.Module, shards: ShardSource, tokenizer: Tokenizer, 
     task_set = load_task_set(shards, "nlvr2")
     inputs = TaskInputs(tokenizer, image_size, text_len, torch.device(device), model_dtype(model))
     count = len(task_set.examples)
-    part = rank_slice(count, rank, world_size)
-    bar = progress(len(part), "nlvr2 eval", rank)
-    try:
-        with evaluating(model):
-            outputs = balanced_calls(model, _predict,
-                                     inputs.batches("nlvr2", task_set.examples[part.start:part.stop], batch_size),
-                                     steps_needed(count, world_size, batch_size), inputs.dummy("nlvr2"), bar)
-    finally:
-        bar.close()
-    local = torch.cat(outputs) if outputs else torch.zeros(0, dtype=torch.long, device=inputs.device)
-    predicted = gather_rows(local, slice_sizes(count, world_size), group).cpu().tolist()
+    predicted = predict_labels(model, _predict, "nlvr2", task_set, inputs, batch_size, rank, world_size, group).tolist()
     identifiers = [e.fields["identifier"] for e in task_set.examples]
     answers = {identifier: bool(p) for identifier, p in zip(identifiers, predicted)}
     if len(answers) != count:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from vlmo_ds.data.decode import SampleSkipped, decode_image, decode_json, image_member
 from vlmo_ds.data.formats.nlvr2 import pair_members
@@ -27,7 +29,8 @@ from vlmo_ds.data.shard_reader import index_samples
 from vlmo_ds.data.shards import ShardSource, resolve_shards
 from vlmo_ds.data.tokenizer import Tokenizer
 from vlmo_ds.data.transforms import build_image_transform
-from vlmo_ds.eval.sharded import iter_samples
+from vlmo_ds.eval.sharded import (balanced_calls, evaluating, gather_rows, iter_samples, progress, rank_slice,
+                                  slice_sizes, steps_needed)
 
 logger = logging.getLogger(__name__)
 
@@ -129,3 +132,23 @@ class TaskInputs:
     def dummy(self, task: str) -> tuple:
         image = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device, dtype=self.dtype)
         return (*self._text([""]), *([image] if task == "vqa" else [image, image]))
+
+
+def predict_labels(model: nn.Module, predict: Callable[..., torch.Tensor], task: str, task_set: TaskSet,
+                   inputs: TaskInputs, batch_size: int, rank: int, world_size: int,
+                   group: dist.ProcessGroup | None) -> torch.Tensor:
+    """[N] labels predict(model, *batch) gives every example of the set (the VQA answer, the NLVR2 truth value):
+    each rank predicts its slice in the same number of model calls, then the slices are gathered, so every rank
+    returns all N in order."""
+    count = len(task_set.examples)
+    part = rank_slice(count, rank, world_size)
+    bar = progress(len(part), f"{task} eval", rank)
+    try:
+        with evaluating(model):
+            outputs = balanced_calls(model, predict,
+                                     inputs.batches(task, task_set.examples[part.start:part.stop], batch_size),
+                                     steps_needed(count, world_size, batch_size), inputs.dummy(task), bar)
+    finally:
+        bar.close()
+    local = torch.cat(outputs) if outputs else torch.zeros(0, dtype=torch.long, device=inputs.device)
+    return gather_rows(local, slice_sizes(count, world_size), group).cpu()

@@ -26,9 +26,8 @@ from torch import nn
 
 from vlmo_ds.data.shards import ShardSource
 from vlmo_ds.data.tokenizer import Tokenizer
-from vlmo_ds.eval.sharded import (balanced_calls, evaluating, gather_rows, model_dtype, progress, rank_slice,
-                                  slice_sizes, steps_needed)
-from vlmo_ds.eval.task_sets import TaskInputs, load_task_set
+from vlmo_ds.eval.sharded import model_dtype
+from vlmo_ds.eval.task_sets import TaskInputs, load_task_set, predict_labels
 from vlmo_ds.eval.vqa import vqa_score, write_submission
 from vlmo_ds.tasks.vqa import vqa_logits
 
@@ -38,23 +37,6 @@ logger = logging.getLogger(__name__)
 def _predict(model: nn.Module, text_ids: torch.Tensor, text_mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """[B] arg-max answer labels."""
     return vqa_logits(model, text_ids, text_mask, images).argmax(dim=-1)
-
-
-def predict_labels(model: nn.Module, task_set, inputs: TaskInputs, batch_size: int, rank: int, world_size: int,
-                   group: dist.ProcessGroup | None) -> torch.Tensor:
-    """[Q] predicted answer labels of every question of the set (the same on every rank)."""
-    count = len(task_set.examples)
-    part = rank_slice(count, rank, world_size)
-    bar = progress(len(part), "vqa eval", rank)
-    try:
-        with evaluating(model):
-            outputs = balanced_calls(model, _predict,
-                                     inputs.batches("vqa", task_set.examples[part.start:part.stop], batch_size),
-                                     steps_needed(count, world_size, batch_size), inputs.dummy("vqa"), bar)
-    finally:
-        bar.close()
-    local = torch.cat(outputs) if outputs else torch.zeros(0, dtype=torch.long, device=inputs.device)
-    return gather_rows(local, slice_sizes(count, world_size), group).cpu()
 
 
 def baselines(questions: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -87,7 +69,7 @@ def evaluate_vqa(model: nn.Module, shards: ShardSource, tokenizer: Tokenizer, an
     start = time.perf_counter()
     task_set = load_task_set(shards, "vqa")
     inputs = TaskInputs(tokenizer, image_size, text_len, torch.device(device), model_dtype(model))
-    labels = predict_labels(model, task_set, inputs, batch_size, rank, world_size, group)
+    labels = predict_labels(model, _predict, "vqa", task_set, inputs, batch_size, rank, world_size, group)
     if int(labels.max()) >= len(answers):
         raise ValueError(f"the VQA head predicts label {int(labels.max())} but the answer vocabulary has "
                          f"{len(answers)} answers; evaluate with the vocabulary the model was fine-tuned on")

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+NLVR2_MODALITY_TYPES = 3
+"""Modality type rows of an NLVR2 model: text, first image, second image (the published code grows the table)."""
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -6,15 +6,15 @@
     a synthetic VQA split          the synthetic generator's fixed table (vlmo_ds.data.synthetic.questions), when
                                    the folder above holds a synthetic manifest of the current version
 Training and evaluation must use the same table: the fine-tuning stage records the one it used in its folder
-(``save_answer_vocab``), and the evaluation command reads it from there.
+(``answer_vocab_text``), and the evaluation command reads it from there.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from vlmo_ds.data.formats.shard_writer import write_json_atomic
-from vlmo_ds.data.formats.vqa2 import VOCAB_FILE, load_vocab
+from vlmo_ds.data.formats.vqa2 import VOCAB_FILE, load_vocab, vocab_record
 from vlmo_ds.data.synthetic import VERSION, read_manifest
 from vlmo_ds.data.synthetic.questions import answer_vocabulary
 
@@ -49,8 +49,17 @@ def load_answer_vocab(source: str | os.PathLike) -> list[str]:
                             "tools/make_shards.py vqa2 (it saves the table) or pass the table's file")
 
 
-def save_answer_vocab(path: str | os.PathLike, answers: list[str], source: str) -> Path:
-    """Write answers as an answer_vocab.json (the shard tool's format), atomically."""
-    path = Path(path)
-    write_json_atomic(path, {"answers": list(answers), "min_count": None, "sources": [source]})
-    return path
+def answer_source(stage) -> str:
+    """Where a vqa stage (vlmo_ds.config.StageConfig) reads its answer table: its `answers`, else its training
+    shards' folder."""
+    return stage.answers or stage.data[0].shards
+
+
+def stage_answers(stage) -> list[str] | None:
+    """A vqa stage's answer table (label i of the head is answers[i]); None for other stages."""
+    return load_answer_vocab(answer_source(stage)) if stage.kind == "vqa" else None
+
+
+def answer_vocab_text(answers: list[str], source: str) -> str:
+    """answers as the text of an answer_vocab.json (the shard tool's format); source: where the table came from."""
+    return json.dumps(vocab_record(answers, None, [source]), indent=2) + "\n"

@@ -39,8 +39,6 @@ from vlmo_ds.tasks.start import TASKS, check_task
 from vlmo_ds.tasks.vqa import vqa_losses
 
 LossFn = Callable[..., dict]
-HEAD_LR_MULT = {"retrieval": 1.0, "vqa": 20.0, "nlvr2": 1.0}
-"""The published head learning-rate multipliers (lr_mult)."""
 
 
 def build_task_loader(task: str, shards: ShardSource, tokenizer: Tokenizer, image_transform: ImageTransform, *,

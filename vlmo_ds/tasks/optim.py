@@ -13,6 +13,16 @@ from torch import nn
 from vlmo_ds.tasks.heads import HEADS
 
 LR_SCALE = "lr_scale"
+HEAD_LR_MULT = {"vqa": 20.0, "nlvr2": 1.0}
+"""The published head learning-rate multipliers (lr_mult) of the tasks with a head."""
+
+
+def head_lr_mult(stage) -> float | None:
+    """The task head's learning-rate multiplier of a stage (vlmo_ds.config.StageConfig): its head_lr_mult, else the
+    published one; None for stages without a task head (pre-training, retrieval)."""
+    if stage.kind not in HEAD_LR_MULT:
+        return None
+    return stage.head_lr_mult if stage.head_lr_mult is not None else HEAD_LR_MULT[stage.kind]
 
 
 def is_head(name: str) -> bool:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from vlmo_ds.model.config import ModelConfig
+from vlmo_ds.model.config import NLVR2_MODALITY_TYPES, ModelConfig
 from vlmo_ds.model.vlmo import VLMo
 from vlmo_ds.tasks.heads import attach_head
 from vlmo_ds.train.transition import StartReport, load_start_weights
 
 TYPE_KEY = "token_type_embeddings.weight"
 TASKS = ("retrieval", "vqa", "nlvr2")
-NLVR2_TYPES = 3  # text, first image, second image
 
 
 def check_task(task: str) -> None:
@@ -31,11 +30,11 @@ def task_model_config(cfg: ModelConfig, task: str, **overrides) -> ModelConfig:
     """`cfg` for `task`: three modality types for NLVR2, then `overrides` (image_size=384, drop_path_rate=0.15...)."""
     check_task(task)
     if task == "nlvr2":
-        cfg = cfg.replace(num_modality_types=max(NLVR2_TYPES, cfg.num_modality_types))
+        cfg = cfg.replace(num_modality_types=max(NLVR2_MODALITY_TYPES, cfg.num_modality_types))
     return cfg.replace(**overrides)
 
 
-def grow_type_rows(state: dict[str, torch.Tensor], rows: int = NLVR2_TYPES) -> dict[str, torch.Tensor]:
+def grow_type_rows(state: dict[str, torch.Tensor], rows: int = NLVR2_MODALITY_TYPES) -> dict[str, torch.Tensor]:
     """The state with the modality type table grown to `rows` rows, each new row a copy of the image row (row 1).
 
     [2, D] -> [3, D] for NLVR2 (row 2 = row 1). A table that already has `rows` rows or more is left unchanged.
@@ -52,7 +51,7 @@ def grow_type_rows(state: dict[str, torch.Tensor], rows: int = NLVR2_TYPES) -> d
 def build_task_model(cfg: ModelConfig, task: str, num_answers: int | None = None) -> VLMo:
     """A VLMo built from `cfg` (already the task's, see task_model_config) with the task's head attached."""
     check_task(task)
-    if task == "nlvr2" and cfg.num_modality_types < NLVR2_TYPES:
+    if task == "nlvr2" and cfg.num_modality_types < NLVR2_MODALITY_TYPES:
         raise ValueError("an NLVR2 model needs num_modality_types=3; build its config with task_model_config")
     model = VLMo(cfg)
     attach_head(model, task, num_answers)

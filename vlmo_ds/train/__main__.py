@@ -38,12 +38,13 @@ from vlmo_ds.train.schedule import plan_run
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vlmo_ds.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="a recipe YAML file, or a shipped recipe name (tiny, tiny_image_text, base, large)")
+    p.add_argument("recipe", help="a recipe YAML file, or a shipped recipe name (tiny, tiny_finetune, base, "
+                                  "base_finetune, ...: python -m vlmo_ds.config --help)")
     p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys (optim.lr=1e-4)")
     p.add_argument("--stage", metavar="NAME", default=None,
                    help="run this one stage, then exit (the same as train.only_stage=NAME): one job per stage")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may come between the overrides
 
 
 def main(argv: list[str] | None = None) -> int:

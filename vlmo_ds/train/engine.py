@@ -9,20 +9,24 @@ import logging
 import deepspeed
 import torch
 
+from vlmo_ds.tasks.optim import split_head_groups
 from vlmo_ds.train.optim import param_groups
 
 log = logging.getLogger(__name__)
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, mpu=None):
+                 weight_decay: float, mpu=None, head_lr_mult: float | None = None):
     """deepspeed.initialize with a torch AdamW (DeepSpeed's own fused Adam would compile a C++ op first).
 
     mpu: vlmo_ds.parallel.mpu.MegatronMPU under tensor / pipeline parallelism (ZeRO partitions and averages over its
     data-parallel group, counts gradient norms over its model-parallel group, names checkpoint files mp_rank_XX by
-    its model-parallel rank); None when every rank holds the whole model.
+    its model-parallel rank); None when every rank holds the whole model. head_lr_mult: a fine-tuning stage's task
+    head learns at lr x head_lr_mult (vlmo_ds.tasks.optim); None: one learning rate.
     """
     groups = param_groups(model, weight_decay)
+    if head_lr_mult is not None:
+        groups = split_head_groups(groups, model, head_lr_mult)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     return engine

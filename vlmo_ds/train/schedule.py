@@ -8,9 +8,10 @@ bookkeeping between them.
     train.resume=PATH  continue from that checkpoint, in the stage it belongs to, then run the stages after it.
     train.only_stage   (--stage NAME) run one stage, then exit: a chain of jobs runs one stage per job. A stage that
                        is already finished is a no-op (a re-queued job does no harm).
-A stage starting afresh takes its start weights from `init_from` if set, else from the previous stage's record,
-else (the first stage) from initialisation. When a stage starts or continues, everything recorded for later stages
-is stale and is removed (their checkpoints and records); a fresh start also removes the stage's own.
+A stage starting afresh takes its start weights from `init_from` (an earlier stage's record or a file) if set,
+else from the previous stage's record, else (the first stage) from initialisation. When a stage starts or
+continues, everything recorded for later stages is stale and is removed (their checkpoints and records); a fresh
+start also removes the stage's own.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmo_ds.config import ConfigError, RunConfig
+from vlmo_ds.config import ConfigError, RunConfig, start_stage
 from vlmo_ds.train import checkpoint, stage_record
 
 log = logging.getLogger(__name__)
@@ -71,24 +72,24 @@ def plan_run(cfg: RunConfig) -> RunPlan:
 
 
 def _check_start_weights(cfg: RunConfig, index: int) -> None:
-    stage = cfg.stages[index]
-    if index == 0 or stage.init_from is not None:
+    source = start_stage(cfg, index)
+    if source is None:
         return
-    before = cfg.stages[index - 1].name
+    stage, before = cfg.stages[index], cfg.stages[source].name
     if not stage_record.is_finished(cfg.run_dir, before):
         raise ConfigError(f"stages.{index}: stage '{stage.name}' starts from the final weights of stage '{before}', "
                           f"which has not finished in {cfg.run_dir} (no stages/{before}/stage.json); run it first "
-                          f"(--stage {before}) or set stages.{index}.init_from")
+                          f"(--stage {before}) or set stages.{index}.init_from to a weights file")
 
 
 def start_weights(cfg: RunConfig, index: int) -> Path | None:
-    """The weights a fresh start of stage `index` loads: init_from, else the previous stage's record, else None."""
-    stage = cfg.stages[index]
-    if stage.init_from is not None:
-        return Path(stage.init_from)
-    if index == 0:
-        return None
-    return stage_record.stage_dir(cfg.run_dir, cfg.stages[index - 1].name) / stage_record.WEIGHTS_FILE
+    """The weights a fresh start of stage `index` loads: the record of the stage init_from names (else of the
+    previous stage), or the init_from file; None for a first stage without init_from."""
+    source = start_stage(cfg, index)
+    if source is not None:
+        return stage_record.stage_dir(cfg.run_dir, cfg.stages[source].name) / stage_record.WEIGHTS_FILE
+    init_from = cfg.stages[index].init_from
+    return None if init_from is None else Path(init_from)
 
 
 def clear_stale(cfg: RunConfig, index: int, fresh: bool) -> None:

@@ -23,15 +23,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmo_ds.config import RunConfig, deepspeed_config, model_config, stage_plan
+from vlmo_ds.config import TASK_KINDS, RunConfig, deepspeed_config, model_config, stage_plan
+from vlmo_ds.data.formats.vqa2 import VOCAB_FILE
 from vlmo_ds.data.tokenizer import Tokenizer
-from vlmo_ds.eval.metrics import format_table
 from vlmo_ds.eval.retrieval import evaluate_retrieval
+from vlmo_ds.eval.tables import retrieval_table, task_table
 from vlmo_ds.model.published import read_state_dict
 from vlmo_ds.model.vlmo import VLMo
 from vlmo_ds.parallel.checkpointing import set_activation_checkpointing
 from vlmo_ds.parallel.launch import DistEnv, describe
 from vlmo_ds.ckpt.layout import check_resume_model
+from vlmo_ds.tasks.answers import answer_source, answer_vocab_text, stage_answers
+from vlmo_ds.tasks.kinds import evaluate_task
+from vlmo_ds.tasks.optim import head_lr_mult
+from vlmo_ds.tasks.start import build_task_model, load_task_weights
 from vlmo_ds.train import checkpoint, layout, stage_record
 from vlmo_ds.train.engine import build_engine, compute_dtype, set_lr
 from vlmo_ds.train.freeze import apply_trainable
@@ -85,7 +90,10 @@ class StageOutcome:
     final: dict[str, float] | None
     """The last step's data-parallel mean of each loss (None when no step ran in this process)."""
     retrieval: dict[str, Any] | None
+    """Zero-shot retrieval at the end of an image_text stage (eval.retrieval)."""
     text_mlm: dict[str, float] | None
+    task: dict[str, Any] | None = None
+    """A fine-tuning stage's evaluation on its eval_data (vlmo_ds.eval.tables.task_table prints it)."""
     stopped: Stop | None = None
     """Why every rank stopped after its last step (a signal, the deadline), None if nothing asked it to stop."""
 
@@ -95,22 +103,27 @@ def step_offset(cfg: RunConfig, index: int) -> int:
     return sum(stage.steps for stage in cfg.stages[:index])
 
 
-def build_model(cfg: RunConfig, vocab_size: int, index: int) -> VLMo:
+def build_model(cfg: RunConfig, vocab_size: int, index: int, num_answers: int | None = None) -> VLMo:
     """Stage `index`'s model, initialised after seeding torch, numpy and random with seed + index, so a stage starts
-    alike whether it follows the previous stage in one process or starts a job of its own."""
+    alike whether it follows the previous stage in one process or starts a job of its own. A fine-tuning stage's
+    model carries its task head (num_answers: a vqa stage's answer count)."""
     seed = cfg.seed + index
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    return VLMo(model_config(cfg, vocab_size, stage=index))
+    kind, model_cfg = cfg.stages[index].kind, model_config(cfg, vocab_size, stage=index)
+    return build_task_model(model_cfg, kind, num_answers) if kind in TASK_KINDS else VLMo(model_cfg)
 
 
-def start_model(ctx: RunContext, index: int, weights: Path | None) -> VLMo:
-    """The model of a stage starting afresh: initialised, then filled from `weights` (None: initialisation only)."""
+def start_model(ctx: RunContext, index: int, weights: Path | None, num_answers: int | None = None) -> VLMo:
+    """The model of a stage starting afresh: initialised, then filled from `weights` (None: initialisation only);
+    a fine-tuning stage's NLVR2 type row and new head as vlmo_ds.tasks.start makes them."""
     stage = ctx.cfg.stages[index]
-    model = build_model(ctx.cfg, ctx.tokenizer.vocab_size, index)
+    model = build_model(ctx.cfg, ctx.tokenizer.vocab_size, index, num_answers)
     if weights is not None:
-        report = load_start_weights(model, read_state_dict(weights), stage_record.weights_config(weights))
+        state, src = read_state_dict(weights), stage_record.weights_config(weights)
+        report = load_task_weights(model, state, stage.kind, src) if stage.kind in TASK_KINDS \
+            else load_start_weights(model, state, src)
         if ctx.env.rank == 0:
             log.info("stage %s starts from %s%s%s%s", stage.name, weights,
                      f" | re-sized: {'; '.join(report.resized)}" if report.resized else "",
@@ -121,6 +134,10 @@ def start_model(ctx: RunContext, index: int, weights: Path | None) -> VLMo:
         if ctx.env.rank == 0:
             log.info("stage %s: VL experts of %d blocks copied from the text experts", stage.name, blocks)
     return model
+
+
+PREDICTION_SUFFIX = {"vqa": ".json", "nlvr2": ".csv"}
+"""Fine-tuning evaluations that write their predictions: the VQA server's results JSON, NLVR2's official CSV."""
 
 
 class StageRunner:
@@ -134,7 +151,10 @@ class StageRunner:
         if resume_from is not None:
             checkpoint.check_layout(resume_from, where.layout.as_dict())
             check_resume_model(resume_from, self.model_cfg)
-        model = build_model(cfg, ctx.tokenizer.vocab_size, index) if resume_from else start_model(ctx, index, weights)
+        self.answers = stage_answers(self.stage)
+        count = None if self.answers is None else len(self.answers)
+        model = build_model(cfg, ctx.tokenizer.vocab_size, index, count) if resume_from \
+            else start_model(ctx, index, weights, count)
         ds_config = layout.engine_config(deepspeed_config(cfg, ctx.dp_size, stage=index), where,
                                          self.plan.micro_batch, self.plan.accumulation)
         module = layout.rank_module(model, where, ds_config, ctx.device)
@@ -145,11 +165,11 @@ class StageRunner:
         if env.rank == 0:
             log.info("%s", layout.describe(where, module))
         self.engine = build_engine(module, ds_config, self.plan.lr, cfg.optim.betas, cfg.optim.eps,
-                                   cfg.optim.weight_decay, mpu=where.mpu)
+                                   cfg.optim.weight_decay, mpu=where.mpu, head_lr_mult=head_lr_mult(self.stage))
         self.dtype = compute_dtype(self.engine)
         self.loader = build_loader(self.stage, self.model_cfg, ctx.tokenizer, micro_batch=self.plan.micro_batch,
                                    dp_rank=where.dp_rank, dp_size=ctx.dp_size, num_workers=cfg.train.num_workers,
-                                   open_shards=cfg.train.open_shards, seed=cfg.seed)
+                                   open_shards=cfg.train.open_shards, seed=cfg.seed, answers=self.answers)
         self.loss_fn = loss_function(self.stage, cfg.parallel.itc_local_rows, where.tp_group)
         self.offset = step_offset(cfg, index)
         self.start = 0
@@ -191,12 +211,12 @@ class StageRunner:
             self.metrics = metrics
             done, final, stopped = self._loop()
             finished = done == stage.steps
-            retrieval = text_mlm = None
+            retrieval = text_mlm = task = None
             if finished:
-                retrieval, text_mlm = self._final_evaluations()
+                retrieval, text_mlm, task = self._final_evaluations()
         if finished:
-            self._write_record(final, retrieval, text_mlm)
-        outcome = StageOutcome(stage.name, self.offset + done, finished, final, retrieval, text_mlm, stopped)
+            self._write_record(final, retrieval, text_mlm, task)
+        outcome = StageOutcome(stage.name, self.offset + done, finished, final, retrieval, text_mlm, task, stopped)
         self.close()
         return outcome
 
@@ -287,11 +307,11 @@ class StageRunner:
         found = evaluate_retrieval(self.engine, ctx.cfg.eval.retrieval, ctx.tokenizer, self.model_cfg.image_size,
                                    self.model_cfg.max_text_len, batch_size=ctx.cfg.eval.batch,
                                    rank=ctx.where.dp_rank, world_size=ctx.dp_size, group=ctx.where.dp_group,
-                                   device=ctx.device)
+                                   device=ctx.device, rerank_k=ctx.cfg.eval.rerank_k)
         if ctx.env.rank == 0:
             self.metrics.log(at, {f"eval/{k}": v for k, v in found.items() if isinstance(v, (int, float))},
                              self.stage.name)
-            log.info("retrieval at step %d on %s:\n%s", at, ctx.cfg.eval.retrieval, format_table(found))
+            log.info("retrieval at step %d on %s:\n%s", at, ctx.cfg.eval.retrieval, retrieval_table(found))
         self.metrics.reset_timer()
         return found
 
@@ -312,19 +332,43 @@ class StageRunner:
         self.metrics.reset_timer()
         return found
 
-    def _final_evaluations(self) -> tuple[dict[str, Any] | None, dict[str, float] | None]:
-        at = self.offset + self.stage.steps
-        return self._retrieval(at), self._text_mlm(at)
+    def _task(self, at: int) -> dict[str, Any] | None:
+        """A fine-tuning stage's evaluation on its eval_data (a retrieval stage: else eval.retrieval); VQA answers
+        and NLVR2 predictions go to RUN_DIR/predictions/<stage>.json / .csv."""
+        ctx, stage = self.ctx, self.stage
+        data = stage.eval_data or (ctx.cfg.eval.retrieval if stage.kind == "retrieval" else None)
+        if stage.kind not in TASK_KINDS or not data:
+            return None
+        output = None
+        if stage.kind in PREDICTION_SUFFIX:
+            output = ctx.run_dir / "predictions" / f"{stage.name}{PREDICTION_SUFFIX[stage.kind]}"
+            output.parent.mkdir(parents=True, exist_ok=True)
+        found = evaluate_task(stage.kind, self.engine, data, ctx.tokenizer, self.model_cfg,
+                              batch_size=ctx.cfg.eval.batch, rank=ctx.where.dp_rank, world_size=ctx.dp_size,
+                              group=ctx.where.dp_group, device=ctx.device, answers=self.answers,
+                              rerank_k=ctx.cfg.eval.rerank_k, output=output)
+        if ctx.env.rank == 0:
+            self.metrics.log(at, {f"eval/{stage.kind}/{k}": v for k, v in found.items()
+                                  if isinstance(v, (int, float))}, stage.name)
+            log.info("%s evaluation at step %d on %s:\n%s", stage.kind, at, data, task_table(stage.kind, found))
+        self.metrics.reset_timer()
+        return found
 
-    def _write_record(self, final, retrieval, text_mlm) -> None:
+    def _final_evaluations(self) -> tuple[dict[str, Any] | None, dict[str, float] | None, dict[str, Any] | None]:
+        at = self.offset + self.stage.steps
+        return self._retrieval(at), self._text_mlm(at), self._task(at)
+
+    def _write_record(self, final, retrieval, text_mlm, task) -> None:
         ctx, stage = self.ctx, self.stage
         where = ctx.where
         state = stage_record.consolidated_state_dict(self.engine, self.model_cfg, where.mp_group, where.tp_rank,
                                                      where.pp_rank, where.layout.tensor, where.dp_rank)
         record = {"name": stage.name, "kind": stage.kind, "index": self.index, "steps": stage.steps,
                   "global_step": self.offset + stage.steps, "final": final, "retrieval": retrieval,
-                  "text_mlm": text_mlm, "time": time.time()}
-        path = stage_record.write_record(ctx.run_dir, stage.name, state, self.model_cfg, record, ctx.env.rank)
+                  "text_mlm": text_mlm, "task": task, "time": time.time()}
+        # the answer table beside the weights: the evaluation command reads the one the head was trained with
+        files = {} if self.answers is None else {VOCAB_FILE: answer_vocab_text(self.answers, answer_source(stage))}
+        path = stage_record.write_record(ctx.run_dir, stage.name, state, self.model_cfg, record, ctx.env.rank, files)
         if ctx.env.rank == 0:
             log.info("stage %s finished: weights in %s", stage.name, path)
 

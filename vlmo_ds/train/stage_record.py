@@ -124,8 +124,9 @@ def _barrier() -> None:
 
 
 def write_record(run_dir: str | Path, name: str, state: dict[str, torch.Tensor], model_cfg: ModelConfig,
-                 record: dict[str, Any], rank: int) -> Path:
-    """Every rank calls; rank 0 writes the weights and stage.json under <name>.tmp, then renames the folder."""
+                 record: dict[str, Any], rank: int, files: dict[str, str] | None = None) -> Path:
+    """Every rank calls; rank 0 writes the weights, stage.json and `files` (name -> text: a VQA stage's answer
+    table) under <name>.tmp, then renames the folder."""
     final = stage_dir(run_dir, name)
     if rank == 0:
         tmp = final.with_name(f"{name}.tmp")
@@ -136,6 +137,8 @@ def write_record(run_dir: str | Path, name: str, state: dict[str, torch.Tensor],
                     "model_config": json.dumps(dataclasses.asdict(model_cfg))}
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1, default=str))
+        for file_name, text in (files or {}).items():
+            (tmp / file_name).write_text(text, encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -3,13 +3,17 @@
     image_text  image-text pairs: ITC (both paths) + ITM with hard negatives + MLM, fused passes batched
     text_mlm    text-only documents: masked language modelling through the text experts
     image_mim   images alone: masked image modelling through the image experts (pixel or visual-token targets)
-A stage with several data sources mixes them by weight (vlmo_ds.train.mixing).
+    retrieval, vqa, nlvr2  the fine-tuning tasks (vlmo_ds.tasks.kinds); a retrieval stage with an ITM weight
+                trains ITC + ITM with hard negatives (no MLM), the published one ITC alone
+A pre-training stage with several data sources mixes them by weight (vlmo_ds.train.mixing).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Callable
 
+from vlmo_ds.config import TASK_KINDS
 from vlmo_ds.data.hooks import PatchMasking, TextMasking
 from vlmo_ds.data.loader import StreamLoader
 from vlmo_ds.data.pipelines import image_loader, image_text_loader, text_loader
@@ -18,6 +22,7 @@ from vlmo_ds.data.transforms import build_image_transform
 from vlmo_ds.model.config import ModelConfig
 from vlmo_ds.model.flops import image_text_step_flops, patch_embed_flops, unimodal_flops
 from vlmo_ds.objectives.pretrain import LossWeights, image_mim_losses, image_text_losses, text_mlm_losses
+from vlmo_ds.tasks.kinds import build_task_loader, task_loss_function, task_samples_and_tokens, task_step_flops
 from vlmo_ds.train.mixing import MixedLoader, chunks_per_batch, source_seed, worker_shares
 
 LossFn = Callable[..., dict]
@@ -25,9 +30,16 @@ Loader = StreamLoader | MixedLoader
 
 
 def build_loader(stage, model_cfg: ModelConfig, tokenizer: Tokenizer, *, micro_batch: int, dp_rank: int,
-                 dp_size: int, num_workers: int, open_shards: int, seed: int) -> Loader:
-    """The stage's training batches: one StreamLoader for one source, a MixedLoader over several (by weight)."""
+                 dp_size: int, num_workers: int, open_shards: int, seed: int,
+                 answers: Sequence[str] | None = None) -> Loader:
+    """The stage's training batches: one StreamLoader for one source, a MixedLoader over several (by weight);
+    answers: a vqa stage's answer table."""
     sources = stage.data
+    if stage.kind in TASK_KINDS:
+        return build_task_loader(stage.kind, sources[0].shards, tokenizer, _train_transform(stage, model_cfg),
+                                 micro_batch=micro_batch, text_len=model_cfg.max_text_len, dp_rank=dp_rank,
+                                 dp_size=dp_size, num_workers=num_workers, open_shards=open_shards, seed=seed,
+                                 answers=answers)
     if len(sources) == 1:
         return _source_loader(stage, model_cfg, tokenizer, sources[0].shards, batch_size=micro_batch,
                               dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers, open_shards=open_shards,
@@ -71,6 +83,11 @@ def loss_function(stage, itc_local_rows: bool, tp_group=None) -> LossFn:
         return partial(_image_text, weights=weights, itc_local_rows=itc_local_rows, tp_group=tp_group)
     if stage.kind == "text_mlm":
         return partial(_text_mlm, tp_group=tp_group)
+    if stage.kind == "retrieval" and stage.loss_weights["itm"]:
+        weights = LossWeights(mlm=0.0, **stage.loss_weights)
+        return partial(_image_text, weights=weights, itc_local_rows=itc_local_rows, tp_group=tp_group)
+    if stage.kind in TASK_KINDS:
+        return task_loss_function(stage.kind, itc_local_rows)
     return _image_mim
 
 
@@ -88,6 +105,8 @@ def _image_mim(model, batch, seed, group):
 
 def samples_and_tokens(stage, model_cfg: ModelConfig, batch: int) -> tuple[int, int]:
     """Samples and input tokens of one micro-batch (for throughput)."""
+    if stage.kind in TASK_KINDS:
+        return task_samples_and_tokens(stage.kind, model_cfg, batch)
     if stage.kind == "image_text":
         return batch, batch * (model_cfg.max_text_len + model_cfg.image_len)
     if stage.kind == "text_mlm":
@@ -98,6 +117,10 @@ def samples_and_tokens(stage, model_cfg: ModelConfig, batch: int) -> tuple[int, 
 def step_flops(stage, model_cfg: ModelConfig, batch: int) -> int:
     """Analytic FLOPs of one optimizer step over `batch` samples (forward + backward = 3x forward; the backward of a
     stage with frozen parameters skips their weight gradients, so its count is an upper bound)."""
+    if stage.kind == "retrieval" and stage.loss_weights["itm"]:
+        return image_text_step_flops(model_cfg, batch, mlm=False, itm=True, mlm_ratio=0.0)
+    if stage.kind in TASK_KINDS:
+        return task_step_flops(stage.kind, model_cfg, batch)
     if stage.kind == "image_text":
         weights = LossWeights(**stage.loss_weights)
         return image_text_step_flops(model_cfg, batch, mlm=bool(weights.mlm), itm=bool(weights.itm),

@@ -90,9 +90,15 @@ def build_vocab(annotation_files: Iterable[Path], min_count: int = DEFAULT_MIN_C
     return build_answer_vocab(majors, min_count)
 
 
+def vocab_record(vocab: Sequence[str], min_count: int | None, sources: Sequence[str]) -> dict:
+    """The content of an answer_vocab.json: {"answers", "min_count" (None for a table reused from elsewhere),
+    "sources"}."""
+    return {"answers": list(vocab), "min_count": min_count, "sources": list(sources)}
+
+
 def save_vocab(path: Path, vocab: Sequence[str], min_count: int | None, sources: Sequence[str]) -> None:
-    """Write answer_vocab.json: {"answers", "min_count" (None for a table reused from elsewhere), "sources"}."""
-    write_json_atomic(path, {"answers": list(vocab), "min_count": min_count, "sources": list(sources)})
+    """Write answer_vocab.json (vocab_record)."""
+    write_json_atomic(path, vocab_record(vocab, min_count, sources))
 
 
 def load_vocab(path: str | os.PathLike) -> list[str]:
