@@ -74,7 +74,9 @@ def recipe_overrides(recipe: str, root: Path, init_from: Path | None = None) -> 
 
 def pretrained_weights(cfg: RunConfig) -> Path:
     """The final weights of the pre-training run `cfg` (its last stage's record)."""
-    return Path(cfg.run_dir) / "stages" / cfg.stages[-1].name / "weights.safetensors"
+    from vlmo_ds.train.stage_record import WEIGHTS_FILE, stage_dir  # imports torch: not before the cheap checks
+
+    return stage_dir(cfg.run_dir, cfg.stages[-1].name) / WEIGHTS_FILE
 
 
 def image_text_only(cfg: RunConfig) -> RunConfig:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,8 @@ def check_files(cfg: RunConfig) -> None:
         if getattr(cfg.eval, key) is not None:
             sources.append((f"eval.{key}", getattr(cfg.eval, key)))
     for key, shards in sources:
-        try:
+        with _named(key):
             resolve_shards(shards)
-        except OSError as err:
-            raise MissingFileError(f"{key}: {err}") from None
-        except ValueError as err:
-            raise ConfigError(f"{key}: {err}") from None
     _check_start_files(cfg)
     _check_answer_tables(cfg)
 
@@ -132,9 +129,16 @@ def _check_answer_tables(cfg: RunConfig) -> None:
     from vlmo_ds.tasks.answers import stage_answers  # reads the synthetic generator's table: only when needed
 
     for i, stage in enumerate(cfg.stages):
-        try:
+        with _named(f"stages.{i}.answers"):
             stage_answers(stage)
-        except FileNotFoundError as err:
-            raise MissingFileError(f"stages.{i}.answers: {err}") from None
-        except ValueError as err:
-            raise ConfigError(f"stages.{i}.answers: {err}") from None
+
+
+@contextmanager
+def _named(key: str) -> Iterator[None]:
+    """A missing file (MissingFileError) or an unusable one (ConfigError) as one line led by the recipe key."""
+    try:
+        yield
+    except OSError as err:
+        raise MissingFileError(f"{key}: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
