@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,6 +50,29 @@ def test_resolve_folder_pattern_and_list(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no \\*.tar shards"):
         resolve_shards(tmp_path / "empty")
+
+
+def test_sizes_json_is_the_shard_list_read_once(tmp_path, monkeypatch, caplog):
+    """With sizes.json a rank learns names and sizes from it: no listing, one stat (the first shard) per call."""
+    paths = write_shards(tmp_path, _pairs(7), per_shard=3)
+    (tmp_path / "shard-000003.tar").write_bytes(paths[2].read_bytes())  # on disk, not in sizes.json: not a shard
+    paths[1].unlink()  # listed, gone: found by the stream (counted unreadable_shard), not by a stat at start-up
+    stats, listings = [], []
+    real_is_file, real_glob = Path.is_file, Path.glob
+    monkeypatch.setattr(Path, "is_file", lambda self: stats.append(self.name) or real_is_file(self))
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: listings.append(pattern) or real_glob(self, pattern))
+    shards = resolve_shards(tmp_path)
+    assert [Path(u).name for u in shards.urls] == [p.name for p in paths] and shards.sizes == (3, 3, 1)
+    assert resolve_shards(str(tmp_path / "shard-{000000..000002}.tar")).num_samples == 7
+    assert stats == ["shard-000000.tar", "shard-000000.tar"] and listings == []
+    stats.clear()
+    (tmp_path / "sizes.json").unlink()
+    with caplog.at_level(logging.WARNING, "vlmo_ds.data.shards"):
+        fallback = [resolve_shards(tmp_path) for _ in range(2)]
+    assert [Path(u).name for u in fallback[0].urls] == ["shard-000000.tar", "shard-000002.tar", "shard-000003.tar"]
+    assert fallback[1].sizes is None and listings == ["*.tar", "*.tar"] and len(stats) == 6  # today's behaviour
+    said = [r.getMessage() for r in caplog.records if "no sizes.json" in r.getMessage()]
+    assert len(said) == 1 and str(tmp_path) in said[0]  # once per folder and process
 
 
 def test_reader_reopens_at_any_sample_offset(tmp_path):

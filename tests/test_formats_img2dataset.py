@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 
@@ -76,7 +77,8 @@ def test_bad_shard_is_left_out_and_dry_run_writes_nothing(tmp_path, capsys):
     assert not (folder / "sizes.json").exists() and not (folder / "conversion_report.json").exists()
     assert load_tool().main(["img2dataset", str(folder), "--quiet"]) == 0
     assert json.loads((folder / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 2}
-    assert resolve_shards(folder).num_samples is None  # a shard without a count: the size is unknown
+    shards = resolve_shards(folder)  # sizes.json is the shard list: the bad shard is left out of training too
+    assert shards.num_samples == 5 and [Path(u).name for u in shards.urls] == ["00000.tar", "00001.tar"]
     report = json.loads((folder / "conversion_report.json").read_text())
     assert report["splits"]["cc12m"]["problems"]["bad_shard"]["names"][0].startswith("00002.tar (")
     assert "skipped bad_shard: 1 (00002.tar" in capsys.readouterr().out

@@ -6,9 +6,12 @@ A source is one of
   patterns; ``pipe:`` and ``http(s)://`` URLs pass through untouched);
 - a list of paths, URLs or patterns.
 
-Shard writers (vlmo_ds tools, img2dataset-style converters) may leave ``sizes.json`` beside the shards,
-``{"shard-000000.tar": n_samples, ...}``. It is read when present, only to report how big the data set is; nothing
-requires it.
+Shard writers (vlmo_ds tools, img2dataset-style converters) leave ``sizes.json`` beside the shards,
+``{"shard-000000.tar": n_samples, ...}``. At cluster scale it is the shard list: a rank reads it once per folder and
+learns every shard's name and size from it, instead of listing the folder and stat-ing each of (tens of thousands
+of) shards, times every rank, on a shared file system. Only the first shard is checked to exist (a moved data set
+fails with a clear message at start-up); a shard that vanished later is counted and skipped by the stream. Without
+sizes.json a folder is listed and each local shard checked, as before, and the loader says so once per folder.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from webdataset.shardlists import expand_urls
@@ -76,11 +80,56 @@ class ShardList:
         return ShardList(self.urls[dp_rank::dp_size], sizes)
 
 
-def _expand(source: ShardSource) -> list[str]:
+@lru_cache(maxsize=None)
+def _say_unlisted(folder: str) -> None:
+    """Once per folder and process: the loader fell back to listing and stat-ing shards."""
+    logger.warning("no %s in %s: listing the folder and checking every shard (each rank does it; at scale write "
+                   "%s with tools/make_shards.py or the shard writer)", SIZES_FILE, folder, SIZES_FILE)
+
+
+def _sizes_table(folder: Path) -> dict[str, int] | None:
+    """{shard name: samples} from the folder's sizes.json; None when it is absent or unusable."""
+    path = folder / SIZES_FILE
+    try:
+        table = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        logger.warning("ignoring unreadable %s: %s", path, err)
+        return None
+    if not isinstance(table, Mapping) or not all(isinstance(n, int) for n in table.values()):
+        logger.warning("ignoring %s: it must map shard names to sample counts", path)
+        return None
+    return dict(table)
+
+
+class _Tables:
+    """sizes.json of each folder, read at most once per resolve_shards call."""
+
+    def __init__(self) -> None:
+        self._tables: dict[Path, dict[str, int] | None] = {}
+
+    def get(self, folder: Path) -> dict[str, int] | None:
+        if folder not in self._tables:
+            self._tables[folder] = _sizes_table(folder)
+            if self._tables[folder] is None:
+                _say_unlisted(str(folder))
+        return self._tables[folder]
+
+    def size(self, url: str) -> int | None:
+        """The shard's listed sample count; None for a remote URL or a shard its folder's sizes.json lacks."""
+        if _is_remote(url):
+            return None
+        return (self.get(Path(url).parent) or {}).get(_name(url))
+
+
+def _expand(source: ShardSource, tables: _Tables) -> list[str]:
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if not _is_remote(text) and Path(text).is_dir():
-            urls = sorted(str(p) for p in Path(text).glob("*.tar"))
+            listed = tables.get(Path(text))
+            names = sorted(n for n in listed if n.endswith(".tar")) if listed else None
+            urls = [str(Path(text) / n) for n in names] if names else sorted(str(p) for p in Path(text).glob("*.tar"))
             if not urls:
                 raise FileNotFoundError(f"no *.tar shards in folder {text}; point the data source at the folder "
                                         "that holds the shards, or give a brace pattern")
@@ -88,48 +137,33 @@ def _expand(source: ShardSource) -> list[str]:
         return list(expand_urls(text))
     urls: list[str] = []
     for item in source:
-        urls.extend(_expand(item))
+        urls.extend(_expand(item, tables))
     return urls
 
 
-def _read_sizes(urls: Sequence[str]) -> tuple[int, ...] | None:
-    """Sample counts from the sizes.json of each shard's folder; None unless every shard is listed."""
-    tables: dict[Path, dict[str, int]] = {}
-    sizes = []
-    for url in urls:
-        if _is_remote(url):
-            return None
-        folder = Path(url).parent
-        if folder not in tables:
-            path = folder / SIZES_FILE
-            try:
-                tables[folder] = json.loads(path.read_text()) if path.is_file() else {}
-            except (OSError, ValueError) as err:
-                logger.warning("ignoring unreadable %s: %s", path, err)
-                tables[folder] = {}
-        count = tables[folder].get(_name(url))
-        if not isinstance(count, int):
-            return None
-        sizes.append(count)
-    return tuple(sizes)
-
-
 def resolve_shards(source: ShardSource) -> ShardList:
-    """Resolve a folder, brace pattern or list to a ShardList; local shards must exist."""
-    urls = _expand(source)
+    """Resolve a folder, brace pattern or list to a ShardList (names and sizes from sizes.json where present);
+    local shards must exist (checked for the first listed shard, for each unlisted one)."""
+    tables = _Tables()
+    urls = _expand(source, tables)
     if not urls:
         raise FileNotFoundError(f"the shard source {source!r} names no shards")
     compressed = [u for u in urls if u.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst"))]
     if compressed:
         raise ValueError(f"compressed shard {compressed[0]}: the loader seeks inside shards to resume, so shards "
                          "must be plain .tar files (img2dataset's default); decompress them first")
-    missing = [u for u in urls if not _is_remote(u) and not Path(u).is_file()]
+    counts = [tables.size(u) for u in urls]
+    local = [u for u in urls if not _is_remote(u)]
+    unlisted = [u for u, n in zip(urls, counts) if n is None and not _is_remote(u)]
+    checked = list(dict.fromkeys(local[:1] + unlisted))
+    missing = [u for u in checked if not Path(u).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist (first: {missing[0]}); "
-                                "check the data path or brace pattern")
-    shards = ShardList(tuple(urls), _read_sizes(urls))
+        raise FileNotFoundError(f"{len(missing)} of {len(checked)} checked shards do not exist (first: {missing[0]}"
+                                f"); check the data path or brace pattern, and that {SIZES_FILE} is the data set's")
+    sizes = None if any(n is None for n in counts) else tuple(counts)
+    shards = ShardList(tuple(urls), sizes)
     if shards.num_samples is not None:
         logger.info("%d shards, %d samples (from %s)", len(shards), shards.num_samples, SIZES_FILE)
     else:
-        logger.info("%d shards (no %s: data set size unknown)", len(shards), SIZES_FILE)
+        logger.info("%d shards (no %s for every shard: data set size unknown)", len(shards), SIZES_FILE)
     return shards
