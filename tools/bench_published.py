@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""vlmo_ds beside the published VLMo implementation: the image-text pre-training step, side by side, one process.
+
+Both models hold the same weights (ours, exported with vlmo_ds.model.published.export_published and loaded into the
+published model) and take the same random batch (images at the preset's size, text at its length, 15% of the tokens
+masked for MLM). Each step is the forward and backward pass of ITC on both paths (the modality experts and the VL
+experts), ITM with hard negatives (3B fused pairs), MLM (B fused pairs): vlmo_ds through
+vlmo_ds.objectives.pretrain.image_text_losses, the published code through its own LightningModule.training_step with
+its "itc", "itm" and "mlm" tasks. No optimizer step. After a warm-up step of each, the timed steps are interleaved
+(ours, published, ours, published, ...) so that both see the same machine. Printed per implementation: samples/s of
+every repetition, the FLOPs per pair it computes (vlmo_ds.model.flops; the published MLM head scores every text
+position, ours the masked ones), the achieved FLOP/s and its ratio to a dense GEMM measured in this process; then the
+speed ratio vlmo_ds / published. Before timing, both compute ITC and MLM in eval mode on that batch: equal losses show
+that the two run the same model on the same input.
+
+The published code comes from a checkout outside this repository; nothing of it is copied here (tools/published_vlmo.py
+says how it is run: a gloo group of one process, a timm stand-in, get_device on CPU). To set it up once:
+
+    # microsoft/unilm from GitHub, only its vlmo/ folder is needed (e.g. a sparse checkout of vlmo/)
+    git clone --depth 1 --filter=blob:none --sparse https://github.com/microsoft/unilm /opt/unilm && git -C /opt/unilm sparse-checkout set vlmo
+    pip install --no-deps --target /opt/vlmo-site -r tools/published_requirements.txt
+
+    python tools/bench_published.py --published /opt/unilm/vlmo --site /opt/vlmo-site
+    python tools/bench_published.py --published /opt/unilm/vlmo --site /opt/vlmo-site --profile 15   # where time goes
+
+Defaults: preset base, fp32, 2 threads, batch 4, 3 repetitions (about 3 minutes for base on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from published_vlmo import (ARCHS, PublishedCodeError, build_published, import_published,  # noqa: E402
+                            published_batch, published_losses, published_step, published_step_flops,
+                            single_process_group)
+from vlmo_ds.model.config import preset  # noqa: E402
+from vlmo_ds.model.flops import image_text_step_flops  # noqa: E402
+from vlmo_ds.model.published import export_published  # noqa: E402
+from vlmo_ds.model.vlmo import VLMo  # noqa: E402
+from vlmo_ds.objectives.pretrain import LossWeights, image_text_losses  # noqa: E402
+from vlmo_ds.train.peak import gemm_rate  # noqa: E402
+
+MASK_ID = 103  # BERT uncased [MASK]
+IGNORE = -100
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--published", type=Path, required=True,
+                   help="the published code: unilm's vlmo/ folder (the one holding the vlmo package), or the unilm "
+                        "checkout above it")
+    p.add_argument("--site", type=Path,
+                   help="folder with the packages the published code imports (pip install --no-deps --target SITE "
+                        "-r tools/published_requirements.txt); default: this environment's")
+    p.add_argument("--preset", default="base", choices=sorted(ARCHS), help="model size (default: base)")
+    p.add_argument("--batch", type=int, default=4, help="pairs per step (default: 4)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps of each, interleaved (default: 3)")
+    p.add_argument("--gemm-size", type=int, default=2048, help="side of the square fp32 GEMM baseline (default: 2048)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one more step of each and print its N top ops by self CPU time")
+    args = p.parse_args(argv)
+    if args.batch < 2:
+        p.error("--batch must be at least 2 (each ITM hard negative is another pair of the batch)")
+    for name in ("threads", "repeats", "gemm_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.profile < 0:
+        p.error("--profile must be 0 (off) or a number of ops")
+    return args
+
+
+def random_batch(cfg, batch: int, seed: int = 0) -> dict:
+    """Images, text of random length (padded to max_text_len), 15% of the tokens past [CLS] masked for MLM."""
+    g = torch.Generator().manual_seed(seed)
+    t = cfg.max_text_len
+    lengths = torch.randint(t // 4, t + 1, (batch,), generator=g)
+    mask = (torch.arange(t) < lengths[:, None]).long()
+    ids = torch.randint(MASK_ID + 1, cfg.vocab_size, (batch, t), generator=g) * mask
+    picked = (torch.rand(batch, t, generator=g) < 0.15) & mask.bool()
+    picked[:, 0], picked[:, 1] = False, True  # never [CLS]; at least one label per row
+    return {"image": torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g), "text_ids": ids,
+            "text_mask": mask, "mlm_ids": ids.masked_fill(picked, MASK_ID),
+            "mlm_labels": ids.masked_fill(~picked, IGNORE)}
+
+
+def timed(step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def agreement(ours, theirs, batch: dict, pub_batch: dict) -> str:
+    """ITC and MLM losses of both in eval mode (no drop path, no dropout): the same model on the same batch."""
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        a = image_text_losses(ours, batch, LossWeights(itm=0.0), 0)
+        b = published_losses(theirs, pub_batch)
+    ours.train(), theirs.train()
+    pub_mlm = b["mlm_loss"] / 0.25  # the published mlm_loss carries its 0.25 weight
+    return (f"ITC {a['itc'].item():.5f} vs {b['itc_loss'].item():.5f}, "
+            f"MLM {a['mlm'].item():.5f} vs {pub_mlm.item():.5f}")
+
+
+def profile(step, rows: int) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = preset(args.preset)
+    try:
+        cls = import_published(args.published, args.site)
+    except PublishedCodeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    single_process_group()
+    torch.manual_seed(0)
+    ours = VLMo(cfg).train()
+    theirs = build_published(cls, cfg, args.preset, export_published(ours))
+    batch = random_batch(cfg, args.batch)
+    pub_batch = published_batch(batch)
+
+    def ours_step() -> None:
+        image_text_losses(ours, batch, LossWeights(), ours_step.seed)["loss"].backward()
+        ours_step.seed += 1
+    ours_step.seed = 0
+
+    def theirs_step() -> None:
+        published_step(theirs, pub_batch)
+
+    def run(model, step) -> float:
+        model.zero_grad(set_to_none=True)
+        return timed(step)
+
+    same = agreement(ours, theirs, batch, pub_batch)
+    run(ours, ours_step), run(theirs, theirs_step)  # warm-up
+    times: dict[str, list[float]] = {"vlmo_ds": [], "published": []}
+    for _ in range(args.repeats):
+        times["vlmo_ds"].append(run(ours, ours_step))
+        times["published"].append(run(theirs, theirs_step))
+    gemm = gemm_rate(args.gemm_size, torch.device("cpu"), torch.float32)
+
+    flops = {"vlmo_ds": image_text_step_flops(cfg, args.batch), "published": published_step_flops(cfg, args.batch)}
+    print(f"{args.preset}: fp32, {torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} interleaved "
+          f"repetitions after a warm-up step each; torch {torch.__version__}; published code {args.published}")
+    print(f"same weights, same batch (eval mode, vlmo_ds vs published): {same}")
+    print(f"fp32 GEMM {args.gemm_size}^3 in this process: {gemm / 1e9:.1f} GFLOP/s")
+    for name, seconds in times.items():
+        rates = [args.batch / s for s in seconds]
+        median = statistics.median(seconds)
+        achieved = flops[name] / median
+        print(f"{name:<10} samples/s {' '.join(f'{r:.3f}' for r in rates)} | {flops[name] / args.batch / 1e9:.1f} "
+              f"GFLOP per pair | {achieved / 1e9:.1f} GFLOP/s = {achieved / gemm:.0%} of the GEMM rate")
+    ratios = [p / o for o, p in zip(times["vlmo_ds"], times["published"])]
+    overall = statistics.median(times["published"]) / statistics.median(times["vlmo_ds"])
+    work = flops["published"] / flops["vlmo_ds"]
+    print(f"speed vlmo_ds / published: {overall:.3f}x (per repetition {' '.join(f'{r:.3f}' for r in ratios)}); "
+          f"per FLOP of each one's own work {overall * work:.3f}x")
+    if args.profile:
+        for name, model, step in (("vlmo_ds", ours, ours_step), ("published", theirs, theirs_step)):
+            model.zero_grad(set_to_none=True)
+            print(f"\n{name}: top {args.profile} ops by self CPU time, one step\n{profile(step, args.profile)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
