@@ -9,15 +9,17 @@ vlmo_ds.objectives.pretrain.image_text_losses, the published code through its ow
 its "itc", "itm" and "mlm" tasks. No optimizer step. After a warm-up step of each, the timed steps are interleaved
 (ours, published, ours, published, ...) so that both see the same machine. Printed per implementation: samples/s of
 every repetition, the FLOPs per pair it computes (vlmo_ds.model.flops; the published MLM head scores every text
-position, ours the masked ones), the achieved FLOP/s and its ratio to a dense GEMM measured in this process; then the
-speed ratio vlmo_ds / published. Before timing, both compute ITC and MLM in eval mode on that batch: equal losses show
-that the two run the same model on the same input.
+position, ours the masked ones), the achieved FLOP/s and its ratio to a dense GEMM measured in this process, and how
+busy the step kept the CPU (process CPU time over wall time and threads: well below 100% means something else ran on
+the machine meanwhile; rerun on a quiet one); then the speed ratio vlmo_ds / published. Before timing, both compute
+ITC and MLM in eval mode on that batch: equal losses show that the two run the same model on the same input.
 
 The published code comes from a checkout outside this repository; nothing of it is copied here (tools/published_vlmo.py
 says how it is run: a gloo group of one process, a timm stand-in, get_device on CPU). To set it up once:
 
     # microsoft/unilm from GitHub, only its vlmo/ folder is needed (e.g. a sparse checkout of vlmo/)
-    git clone --depth 1 --filter=blob:none --sparse https://github.com/microsoft/unilm /opt/unilm && git -C /opt/unilm sparse-checkout set vlmo
+    git clone --depth 1 --filter=blob:none --sparse https://github.com/microsoft/unilm /opt/unilm
+    git -C /opt/unilm sparse-checkout set vlmo
     pip install --no-deps --target /opt/vlmo-site -r tools/published_requirements.txt
 
     python tools/bench_published.py --published /opt/unilm/vlmo --site /opt/vlmo-site
@@ -65,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="pairs per step (default: 4)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps of each, interleaved (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps of each first, interleaved (default: 1)")
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the square fp32 GEMM baseline (default: 2048)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one more step of each and print its N top ops by self CPU time")
@@ -74,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("threads", "repeats", "gemm_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be 0 or more")
     if args.profile < 0:
         p.error("--profile must be 0 (off) or a number of ops")
     return args
@@ -93,10 +98,11 @@ def random_batch(cfg, batch: int, seed: int = 0) -> dict:
             "mlm_labels": ids.masked_fill(~picked, IGNORE)}
 
 
-def timed(step) -> float:
-    start = time.perf_counter()
+def timed(step) -> tuple[float, float]:
+    """Wall seconds of step() and the process's CPU seconds over them (all threads)."""
+    start, cpu = time.perf_counter(), time.process_time()
     step()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def agreement(ours, theirs, batch: dict, pub_batch: dict) -> str:
@@ -144,21 +150,27 @@ def main(argv=None) -> int:
     def theirs_step() -> None:
         published_step(theirs, pub_batch)
 
-    def run(model, step) -> float:
+    def run(name: str, model, step) -> None:
         model.zero_grad(set_to_none=True)
-        return timed(step)
+        seconds, cpu = timed(step)
+        times[name].append(seconds)
+        cpu_share[name].append(cpu / (seconds * args.threads))
 
     same = agreement(ours, theirs, batch, pub_batch)
-    run(ours, ours_step), run(theirs, theirs_step)  # warm-up
     times: dict[str, list[float]] = {"vlmo_ds": [], "published": []}
+    cpu_share: dict[str, list[float]] = {"vlmo_ds": [], "published": []}
+    for _ in range(args.warmup):
+        run("vlmo_ds", ours, ours_step), run("published", theirs, theirs_step)
+    for name in times:  # warm-up steps are not reported
+        del times[name][:], cpu_share[name][:]
     for _ in range(args.repeats):
-        times["vlmo_ds"].append(run(ours, ours_step))
-        times["published"].append(run(theirs, theirs_step))
+        run("vlmo_ds", ours, ours_step), run("published", theirs, theirs_step)
     gemm = gemm_rate(args.gemm_size, torch.device("cpu"), torch.float32)
 
     flops = {"vlmo_ds": image_text_step_flops(cfg, args.batch), "published": published_step_flops(cfg, args.batch)}
     print(f"{args.preset}: fp32, {torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} interleaved "
-          f"repetitions after a warm-up step each; torch {torch.__version__}; published code {args.published}")
+          f"repetitions after {args.warmup} warm-up step(s) each; torch {torch.__version__}; "
+          f"published code {args.published}")
     print(f"same weights, same batch (eval mode, vlmo_ds vs published): {same}")
     print(f"fp32 GEMM {args.gemm_size}^3 in this process: {gemm / 1e9:.1f} GFLOP/s")
     for name, seconds in times.items():
@@ -166,7 +178,8 @@ def main(argv=None) -> int:
         median = statistics.median(seconds)
         achieved = flops[name] / median
         print(f"{name:<10} samples/s {' '.join(f'{r:.3f}' for r in rates)} | {flops[name] / args.batch / 1e9:.1f} "
-              f"GFLOP per pair | {achieved / 1e9:.1f} GFLOP/s = {achieved / gemm:.0%} of the GEMM rate")
+              f"GFLOP per pair | {achieved / 1e9:.1f} GFLOP/s = {achieved / gemm:.0%} of the GEMM rate | CPU busy "
+              f"{min(cpu_share[name]):.0%}-{max(cpu_share[name]):.0%} of {args.threads} threads")
     ratios = [p / o for o, p in zip(times["vlmo_ds"], times["published"])]
     overall = statistics.median(times["published"]) / statistics.median(times["vlmo_ds"])
     work = flops["published"] / flops["vlmo_ds"]
