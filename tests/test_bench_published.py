@@ -20,11 +20,13 @@ BENCH = TOOLS / "bench_published.py"
 def load(name: str):
     spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
 published = load("published_vlmo")
+bench = load("bench_published")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -64,7 +66,7 @@ def test_missing_dependency_names_the_install_command(tmp_path):
                                            (["--preset", "tiny"], "invalid choice: 'tiny'")])
 def test_argument_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load("bench_published").parse_args(["--published", "x", *args])
+        bench.parse_args(["--published", "x", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -98,7 +100,7 @@ def test_published_config_and_batch():
     with pytest.raises(published.PublishedCodeError, match="no model for preset 'tiny'"):
         published.published_config(preset("tiny"), "tiny")
 
-    batch = load("bench_published").random_batch(preset("tiny"), 4)
+    batch = bench.random_batch(preset("tiny"), 4)
     out = published.published_batch(batch)
     assert out["image"][0] is batch["image"] and out["text_masks"] is batch["text_mask"]
     assert (out["text_labels"] == -100).all() and out["text_labels_mlm"] is batch["mlm_labels"]
@@ -131,3 +133,16 @@ def test_cpu_get_device_is_restored():
     with published.cpu_get_device():
         assert x.long().to(device=x.get_device()).device.type == "cpu"
     assert x.get_device() == -1
+
+
+def test_report_ratio_and_figures(capsys):
+    sample = bench.Sample
+    samples = {"vlmo_ds": [sample(20.0, 40.0, 4.0, 2**30), sample(25.0, 40.0, 4.0, 2**30), sample(19.0, 38.0, 0.0, 0)],
+               "published": [sample(22.0, 44.0, 0.0, 0), sample(23.0, 46.0, 0.0, 0), sample(21.0, 42.0, 0.0, 0)]}
+    bench.report(samples, {"vlmo_ds": 400e9, "published": 404e9}, gemm=40e9, batch=4, threads=2)
+    ours, theirs, ratio = capsys.readouterr().out.splitlines()
+    assert ours.startswith("vlmo_ds    samples/s 0.200 0.160 0.211 | 100.0 GFLOP per pair | 20.0 GFLOP/s = 50% of")
+    assert "CPU busy 80%-100% of 2 threads, 7% in the kernel, 0.7 GiB of fresh pages per step" in ours
+    assert "published  samples/s 0.182 0.174 0.190 | 101.0 GFLOP per pair" in theirs
+    assert ratio == ("speed vlmo_ds / published: 1.100x (per repetition 1.100 0.920 1.105); "
+                     "per FLOP of each one's own work 1.111x")

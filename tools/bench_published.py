@@ -11,7 +11,9 @@ its "itc", "itm" and "mlm" tasks. No optimizer step. After a warm-up step of eac
 every repetition, the FLOPs per pair it computes (vlmo_ds.model.flops; the published MLM head scores every text
 position, ours the masked ones), the achieved FLOP/s and its ratio to a dense GEMM measured in this process, and how
 busy the step kept the CPU (process CPU time over wall time and threads: well below 100% means something else ran on
-the machine meanwhile; rerun on a quiet one); then the speed ratio vlmo_ds / published. Before timing, both compute
+the machine meanwhile; rerun on a quiet one), the kernel's share of it and the fresh memory pages a step touched (what
+the allocator took from the operating system and gave back: zeroing them is kernel time, a cost of large
+activations); then the speed ratio vlmo_ds / published (medians of the repetitions). Before timing, both compute
 ITC and MLM in eval mode on that batch: equal losses show that the two run the same model on the same input.
 
 The published code comes from a checkout outside this repository; nothing of it is copied here (tools/published_vlmo.py
@@ -30,9 +32,11 @@ Defaults: preset base, fp32, 2 threads, batch 4, 3 repetitions (about 3 minutes 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -98,11 +102,24 @@ def random_batch(cfg, batch: int, seed: int = 0) -> dict:
             "mlm_labels": ids.masked_fill(~picked, IGNORE)}
 
 
-def timed(step) -> tuple[float, float]:
-    """Wall seconds of step() and the process's CPU seconds over them (all threads)."""
-    start, cpu = time.perf_counter(), time.process_time()
+@dataclass
+class Sample:
+    """One timed step: wall seconds, the process's CPU seconds over them (all threads; of it in the kernel), and the
+    fresh memory pages it touched (minor page faults: memory the allocator took from the OS and handed back)."""
+
+    seconds: float
+    cpu: float
+    system: float
+    fresh_bytes: int
+
+
+def timed(step) -> Sample:
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     step()
-    return time.perf_counter() - start, time.process_time() - cpu
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    system = after.ru_stime - before.ru_stime
+    return Sample(seconds, after.ru_utime - before.ru_utime + system, system,
+                  (after.ru_minflt - before.ru_minflt) * resource.getpagesize())
 
 
 def agreement(ours, theirs, batch: dict, pub_batch: dict) -> str:
@@ -124,6 +141,23 @@ def profile(step, rows: int) -> str:
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def report(samples: dict[str, list[Sample]], flops: dict[str, int], gemm: float, batch: int, threads: int) -> None:
+    """One line per implementation, then the speed ratio (medians of the repetitions)."""
+    median = {name: statistics.median(s.seconds for s in rows) for name, rows in samples.items()}
+    for name, rows in samples.items():
+        achieved = flops[name] / median[name]
+        busy = [s.cpu / (s.seconds * threads) for s in rows]
+        print(f"{name:<10} samples/s {' '.join(f'{batch / s.seconds:.3f}' for s in rows)} | "
+              f"{flops[name] / batch / 1e9:.1f} GFLOP per pair | {achieved / 1e9:.1f} GFLOP/s = "
+              f"{achieved / gemm:.0%} of the GEMM rate | CPU busy {min(busy):.0%}-{max(busy):.0%} of {threads} "
+              f"threads, {statistics.mean(s.system / s.cpu for s in rows):.0%} in the kernel, "
+              f"{statistics.mean(s.fresh_bytes for s in rows) / 2**30:.1f} GiB of fresh pages per step")
+    ratios = [p.seconds / o.seconds for o, p in zip(samples["vlmo_ds"], samples["published"])]
+    overall = median["published"] / median["vlmo_ds"]
+    print(f"speed vlmo_ds / published: {overall:.3f}x (per repetition {' '.join(f'{r:.3f}' for r in ratios)}); "
+          f"per FLOP of each one's own work {overall * flops['published'] / flops['vlmo_ds']:.3f}x")
 
 
 def main(argv=None) -> int:
@@ -150,43 +184,25 @@ def main(argv=None) -> int:
     def theirs_step() -> None:
         published_step(theirs, pub_batch)
 
-    def run(name: str, model, step) -> None:
-        model.zero_grad(set_to_none=True)
-        seconds, cpu = timed(step)
-        times[name].append(seconds)
-        cpu_share[name].append(cpu / (seconds * args.threads))
-
     same = agreement(ours, theirs, batch, pub_batch)
-    times: dict[str, list[float]] = {"vlmo_ds": [], "published": []}
-    cpu_share: dict[str, list[float]] = {"vlmo_ds": [], "published": []}
-    for _ in range(args.warmup):
-        run("vlmo_ds", ours, ours_step), run("published", theirs, theirs_step)
-    for name in times:  # warm-up steps are not reported
-        del times[name][:], cpu_share[name][:]
-    for _ in range(args.repeats):
-        run("vlmo_ds", ours, ours_step), run("published", theirs, theirs_step)
+    steps = {"vlmo_ds": (ours, ours_step), "published": (theirs, theirs_step)}
+    samples: dict[str, list[Sample]] = {name: [] for name in steps}
+    for rep in range(args.warmup + args.repeats):  # interleaved; the warm-up steps are not reported
+        for name, (model, step) in steps.items():
+            model.zero_grad(set_to_none=True)
+            sample = timed(step)
+            if rep >= args.warmup:
+                samples[name].append(sample)
     gemm = gemm_rate(args.gemm_size, torch.device("cpu"), torch.float32)
-
     flops = {"vlmo_ds": image_text_step_flops(cfg, args.batch), "published": published_step_flops(cfg, args.batch)}
     print(f"{args.preset}: fp32, {torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} interleaved "
           f"repetitions after {args.warmup} warm-up step(s) each; torch {torch.__version__}; "
           f"published code {args.published}")
     print(f"same weights, same batch (eval mode, vlmo_ds vs published): {same}")
     print(f"fp32 GEMM {args.gemm_size}^3 in this process: {gemm / 1e9:.1f} GFLOP/s")
-    for name, seconds in times.items():
-        rates = [args.batch / s for s in seconds]
-        median = statistics.median(seconds)
-        achieved = flops[name] / median
-        print(f"{name:<10} samples/s {' '.join(f'{r:.3f}' for r in rates)} | {flops[name] / args.batch / 1e9:.1f} "
-              f"GFLOP per pair | {achieved / 1e9:.1f} GFLOP/s = {achieved / gemm:.0%} of the GEMM rate | CPU busy "
-              f"{min(cpu_share[name]):.0%}-{max(cpu_share[name]):.0%} of {args.threads} threads")
-    ratios = [p / o for o, p in zip(times["vlmo_ds"], times["published"])]
-    overall = statistics.median(times["published"]) / statistics.median(times["vlmo_ds"])
-    work = flops["published"] / flops["vlmo_ds"]
-    print(f"speed vlmo_ds / published: {overall:.3f}x (per repetition {' '.join(f'{r:.3f}' for r in ratios)}); "
-          f"per FLOP of each one's own work {overall * work:.3f}x")
+    report(samples, flops, gemm, args.batch, args.threads)
     if args.profile:
-        for name, model, step in (("vlmo_ds", ours, ours_step), ("published", theirs, theirs_step)):
+        for name, (model, step) in steps.items():
             model.zero_grad(set_to_none=True)
             print(f"\n{name}: top {args.profile} ops by self CPU time, one step\n{profile(step, args.profile)}")
     return 0
