@@ -110,8 +110,8 @@ class TrainSection:
     """Samples per data-parallel rank per forward pass."""
     global_batch: int = 64
     """Samples per optimizer step = micro_batch x gradient accumulation x data-parallel ranks."""
-    num_workers: int = 1
-    """DataLoader worker processes per rank."""
+    num_workers: int | None = None
+    """DataLoader worker processes per rank; null = the CPU cores per local GPU less one (vlmo_ds.data.workers)."""
     open_shards: int = 4
     """Shards each loader reads at once (samples are mixed across them)."""
     log_every: int = 10

@@ -43,11 +43,13 @@ LossFn = Callable[..., dict]
 
 def build_task_loader(task: str, shards: ShardSource, tokenizer: Tokenizer, image_transform: ImageTransform, *,
                       micro_batch: int, text_len: int, dp_rank: int, dp_size: int, num_workers: int,
-                      open_shards: int, seed: int, answers: Sequence[str] | None = None) -> StreamLoader:
+                      open_shards: int, seed: int, answers: Sequence[str] | None = None,
+                      pin_memory: bool = False) -> StreamLoader:
     """The task's training batches for one data-parallel rank (answers: the VQA answer table)."""
     check_task(task)
     options = dict(batch_size=micro_batch, text_len=text_len, dp_rank=dp_rank, dp_size=dp_size,
-                   num_workers=num_workers, open_shards=open_shards, seed=seed, batches_per_epoch=None)
+                   num_workers=num_workers, open_shards=open_shards, seed=seed, batches_per_epoch=None,
+                   pin_memory=pin_memory)
     if task == "vqa":
         if answers is None:
             raise ValueError("a VQA loader needs the answer table (vlmo_ds.tasks.answers.load_answer_vocab)")

@@ -17,6 +17,8 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass
+from functools import cached_property
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ import torch
 
 from vlmo_ds.config import TASK_KINDS, RunConfig, deepspeed_config, model_config, stage_plan
 from vlmo_ds.data.formats.vqa2 import VOCAB_FILE
+from vlmo_ds.data.replica import replica_loader
 from vlmo_ds.data.tokenizer import Tokenizer
 from vlmo_ds.eval.retrieval import evaluate_retrieval
 from vlmo_ds.eval.tables import retrieval_table, task_table
@@ -43,9 +46,10 @@ from vlmo_ds.train.freeze import apply_trainable
 from vlmo_ds.train.metrics import MetricsLogger
 from vlmo_ds.train.optim import lr_at
 from vlmo_ds.train.peak import peak_flops
-from vlmo_ds.train.preemption import Stop, StopSignals, agree_to_stop
+from vlmo_ds.train.preemption import Stop, StopPoll, StopSignals, flag_group
+from vlmo_ds.train.scalars import StepScalars
 from vlmo_ds.train.stages import build_loader, loss_function, samples_and_tokens, step_flops
-from vlmo_ds.train.step import grad_norm_before_step, mean_over_ranks, to_device
+from vlmo_ds.train.step import grad_norm_before_step, to_device
 from vlmo_ds.train.text_eval import evaluate_text_mlm, held_out_batches
 from vlmo_ds.train.transition import copy_text_to_vl, load_start_weights
 
@@ -76,6 +80,12 @@ class RunContext:
     @property
     def dp_size(self) -> int:
         return self.where.layout.data
+
+    @cached_property
+    def stop_group(self):
+        """The group of the per-step stop votes (preemption.flag_group): made once per run, by every rank's first
+        stage at the same point."""
+        return flag_group()
 
 
 @dataclass
@@ -167,9 +177,12 @@ class StageRunner:
         self.engine = build_engine(module, ds_config, self.plan.lr, cfg.optim.betas, cfg.optim.eps,
                                    cfg.optim.weight_decay, mpu=where.mpu, head_lr_mult=head_lr_mult(self.stage))
         self.dtype = compute_dtype(self.engine)
-        self.loader = build_loader(self.stage, self.model_cfg, ctx.tokenizer, micro_batch=self.plan.micro_batch,
-                                   dp_rank=where.dp_rank, dp_size=ctx.dp_size, num_workers=cfg.train.num_workers,
-                                   open_shards=cfg.train.open_shards, seed=cfg.seed, answers=self.answers)
+        # one rank of the replica reads and decodes, the replica's other ranks receive its batches
+        make = partial(build_loader, self.stage, self.model_cfg, ctx.tokenizer, micro_batch=self.plan.micro_batch,
+                       dp_rank=where.dp_rank, dp_size=ctx.dp_size, open_shards=cfg.train.open_shards, seed=cfg.seed,
+                       answers=self.answers, pin_memory=ctx.device.type == "cuda")
+        self.loader = replica_loader(make, where.mp_group, ctx.device, num_workers=cfg.train.num_workers,
+                                     local_world_size=env.local_world_size, slurm_tasks=env.launcher == "slurm")
         self.loss_fn = loss_function(self.stage, cfg.parallel.itc_local_rows, where.tp_group)
         self.offset = step_offset(cfg, index)
         self.start = 0
@@ -222,42 +235,55 @@ class StageRunner:
 
     def _loop(self) -> tuple[int, dict[str, float] | None, Stop | None]:
         """Steps from self.start to the stage's end or until the ranks agree to stop (a signal, the deadline):
-        (stage steps done, last step's losses, why they stopped)."""
+        (stage steps done, last step's losses, why they stopped). The stop vote of a step is read after the next
+        step (preemption.StopPoll), so no step waits for it."""
         cfg, stage = self.ctx.cfg, self.stage
         batches = iter(self.loader)
-        final = None
+        self.scalars, self.final = StepScalars(self.ctx.device), None
+        poll = StopPoll(self.ctx.signals, self.ctx.started, cfg.train.deadline_minutes, self.ctx.stop_group)
         sample_log = open(self.ctx.run_dir / f"samples_rank{self.ctx.env.rank}.jsonl", "a") \
             if cfg.train.record_samples else None
         try:
             for step in range(self.start, stage.steps):
-                final, keys = self._step(step, batches)
+                keys = self._step(step, batches)
                 at = self.offset + step + 1
                 if sample_log:
                     sample_log.write(json.dumps({"step": at, "keys": keys}) + "\n")
                     sample_log.flush()
-                stop = agree_to_stop(self.ctx.signals, self.ctx.started, cfg.train.deadline_minutes,
-                                     self.ctx.device)
+                stop = poll.after_step(last=step + 1 == stage.steps)
                 last = step + 1 == stage.steps or stop is not None
-                if (step + 1) % cfg.train.ckpt_every == 0 or last:
+                save = (step + 1) % cfg.train.ckpt_every == 0 or last
+                evaluate = cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last
+                if save or evaluate:  # lines first: a run killed after the checkpoint has written them all
+                    self._write_lines()
+                if save:
                     trainer = {"step": at, "stage": stage.name, "stage_step": step + 1,
                                "layout": self.ctx.where.layout.as_dict(), "model": asdict(self.model_cfg),
                                "trainable": self._trainable}
                     checkpoint.save(self.engine, self.ctx.run_dir, at, trainer, {"loader": self.loader.state_dict()},
                                     self.ctx.env.rank, cfg.train.keep_last)
                     self.metrics.reset_timer()
-                if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
+                if evaluate:
                     self._retrieval(at)
                 if stop is not None:
                     log.warning("%s: every rank stopped after step %d with a checkpoint; the same command "
                                 "continues from it", stop, at)
-                    return step + 1, final, stop
+                    return step + 1, self.final, stop
         finally:
             if sample_log:
                 sample_log.close()
-        return stage.steps, final, None
+        return stage.steps, self.final, None
 
-    def _step(self, step: int, batches) -> tuple[dict[str, float], list[str]]:
-        """One optimizer step (stage step `step`, 0-based): returns the ranks' mean losses and the sample keys."""
+    def _write_lines(self) -> None:
+        """The metric lines of the steps kept since the last ones: one all-reduce and one read for all of them
+        (collective: every rank calls it at the same steps); self.final becomes the last step's losses."""
+        for line in self.scalars.flush():
+            self.metrics.log(line.step, line.scalars(), self.stage.name, wall=line.time)
+            self.final = line.losses
+
+    def _step(self, step: int, batches) -> list[str]:
+        """One optimizer step (stage step `step`, 0-based): returns the sample keys. Its losses and gradient norm
+        stay on the device (self.scalars) until the log interval's step."""
         engine, accumulation, where = self.engine, self.plan.accumulation, self.ctx.where
         at = self.offset + step + 1
         set_lr(engine, self.lr(step))
@@ -282,22 +308,18 @@ class StageRunner:
             engine.step()
             for name, value in out.items():
                 accumulated[name] = accumulated.get(name, 0) + value.detach() / accumulation
-        if where.pipelined:
-            found = layout.pipeline_step(engine, self.stage, micro_batches, seeds, where,
-                                         self.ctx.cfg.parallel.itc_local_rows)
-            accumulated = {name: torch.tensor(value, device=self.ctx.device) for name, value in found.items()}
+        if where.pipelined:  # the replica's mean over the micro-batches (0-dim tensors, or floats)
+            accumulated = layout.pipeline_step(engine, self.stage, micro_batches, seeds, where,
+                                               self.ctx.cfg.parallel.itc_local_rows)
             grad_norm = grad_norm_before_step(engine, where.mp_group, where.tp_rank)
             engine.step()
-        scalars = mean_over_ranks(accumulated)
         grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
-        logged = {f"train/{k}": v for k, v in scalars.items()}
-        logged["opt/lr"] = self.lr(step)
-        if grad_norm is not None:
-            logged["opt/grad_norm"] = float(grad_norm)
-        logged.update({f"data/skipped_{k}": float(v) for k, v in self.loader.skipped.items()})
-        self.metrics.log(at, logged, self.stage.name)
+        host = {"opt/lr": self.lr(step), **{f"data/skipped_{k}": float(v) for k, v in self.loader.skipped.items()}}
+        self.scalars.add(at, accumulated, grad_norm, host)
+        if at % self.ctx.cfg.train.log_every == 0:
+            self._write_lines()
         self.metrics.step_done(at)
-        return scalars, keys
+        return keys
 
     def _retrieval(self, at: int) -> dict[str, Any] | None:
         """Zero-shot retrieval (image_text stages, eval.retrieval set): logged at global step `at`."""

@@ -31,24 +31,24 @@ Loader = StreamLoader | MixedLoader
 
 def build_loader(stage, model_cfg: ModelConfig, tokenizer: Tokenizer, *, micro_batch: int, dp_rank: int,
                  dp_size: int, num_workers: int, open_shards: int, seed: int,
-                 answers: Sequence[str] | None = None) -> Loader:
+                 answers: Sequence[str] | None = None, pin_memory: bool = False) -> Loader:
     """The stage's training batches: one StreamLoader for one source, a MixedLoader over several (by weight);
-    answers: a vqa stage's answer table."""
+    answers: a vqa stage's answer table; pin_memory: batches in page-locked memory (for CUDA copies)."""
     sources = stage.data
     if stage.kind in TASK_KINDS:
         return build_task_loader(stage.kind, sources[0].shards, tokenizer, _train_transform(stage, model_cfg),
                                  micro_batch=micro_batch, text_len=model_cfg.max_text_len, dp_rank=dp_rank,
                                  dp_size=dp_size, num_workers=num_workers, open_shards=open_shards, seed=seed,
-                                 answers=answers)
+                                 answers=answers, pin_memory=pin_memory)
     if len(sources) == 1:
         return _source_loader(stage, model_cfg, tokenizer, sources[0].shards, batch_size=micro_batch,
                               dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers, open_shards=open_shards,
-                              seed=seed)
+                              seed=seed, pin_memory=pin_memory)
     weights = [source.weight for source in sources]
     chunks = chunks_per_batch(micro_batch)
     loaders = [_source_loader(stage, model_cfg, tokenizer, source.shards, batch_size=micro_batch // chunks,
                               dp_rank=dp_rank, dp_size=dp_size, num_workers=workers, open_shards=open_shards,
-                              seed=source_seed(seed, j))
+                              seed=source_seed(seed, j), pin_memory=pin_memory)
                for j, (source, workers) in enumerate(zip(sources, worker_shares(num_workers, weights)))]
     return MixedLoader(loaders, weights, chunks=chunks, seed=seed, dp_rank=dp_rank)
 
