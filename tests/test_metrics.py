@@ -178,3 +178,14 @@ def test_meter_without_elapsed_time_reports_no_rates():
     meter.step_done()
     perf = meter.close_window()
     assert perf["perf/step_time_s"] == 0.0 and "perf/samples_per_s" not in perf
+
+
+def test_a_line_written_after_its_step_keeps_the_step_time(tmp_path):
+    """The trainer writes an interval's lines at its end (vlmo_ds.train.scalars): each carries its own step's time."""
+    logger, wall = make_logger(tmp_path, FakeClock())
+    with logger:
+        logger.log(1, {"train/loss": 2.0}, wall=WALL0 - 5)
+        logger.log(2, {"train/loss": 1.0})
+    assert [r["time"] for r in read_metrics(tmp_path / METRICS_FILE)] == [WALL0 - 5, WALL0]
+    acc, _ = scalars(tmp_path)
+    assert [e.wall_time for e in acc.Scalars("train/loss")] == [WALL0 - 5, WALL0]

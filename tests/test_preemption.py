@@ -1,7 +1,8 @@
 """Stopping early without Slurm: stop signals are recorded, not fatal; the ranks' stop decision is one agreed answer
-(a signal on one rank stops both ranks after the same step, with a checkpoint); the deadline does the same; the CLI
-exits with status 75 and the same command then finishes with the uninterrupted run's losses; the Slurm requeue is
-asked for only when the launch helper allows it."""
+(a signal on one rank stops both ranks after the same step, with a checkpoint; inside a stage the vote of step s is
+read after step s + 1, so no step waits for it); the deadline does the same; the CLI exits with status 75 and the
+same command then finishes with the uninterrupted run's losses; the Slurm requeue is asked for only when the launch
+helper allows it."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ import torch
 
 from distributed import run_ranks
 from train_cli import ENV, losses, recipe_args, train_command
-from vlmo_ds.train.preemption import EXIT_STOPPED, Stop, StopSignals, agree_to_stop, requeue_slurm_job
+from vlmo_ds.train.preemption import EXIT_STOPPED, Stop, StopPoll, StopSignals, agree_to_stop, requeue_slurm_job
 
 CPU = torch.device("cpu")
 STEPS = 8
@@ -48,6 +49,42 @@ def test_one_process_decides_from_signal_and_deadline():
         term = agree_to_stop(signals, now - 61, 1.0, CPU)  # a signal names the stop even past the deadline
         assert term == Stop(signal.SIGTERM, 1.0) and not term.requeue and str(term) == "signal SIGTERM"
     assert agree_to_stop(None, now, None, CPU) is None
+
+
+POLL_CASES = [({}, 4), ({2: signal.SIGUSR1}, 6), ({2: signal.SIGUSR1, 3: signal.SIGTERM}, 6),
+              ({5: signal.SIGUSR1}, 5)]
+"""(signal rank 1 records after step s, steps of the stage)."""
+
+
+def _poll_ranks(rank: int, world: int) -> list[tuple]:
+    """Per case: (the step after which the ranks stop, why, whether the poll left a vote open)."""
+    found = []
+    for signal_after, steps in POLL_CASES:
+        signals = StopSignals()  # not installed: the flag is set as the handler would
+        poll = StopPoll(signals, time.monotonic(), None)
+        for step in range(1, steps + 1):
+            if rank == 1 and step in signal_after:
+                signals.received = signal_after[step]
+            stop = poll.after_step(last=step == steps)
+            if stop is not None or step == steps:
+                found.append((step, stop, poll._pending is not None))
+                break
+    return found
+
+
+def test_the_per_step_vote_is_read_one_step_late_on_every_rank():
+    ranks = run_ranks(_poll_ranks, 2)
+    assert ranks[0] == ranks[1]
+    assert ranks[0] == [(4, None, False),
+                        (3, Stop(signal.SIGUSR1, None), False),  # posted after step 2, read after step 3
+                        (3, Stop(signal.SIGTERM, None), False),  # the vote of step 3 is closed with it: SIGTERM wins
+                        (5, Stop(signal.SIGUSR1, None), False)]  # the stage's last step votes at once
+    with StopSignals() as signals:  # one process: nothing to agree on, so no delay
+        poll = StopPoll(signals, time.monotonic(), None)
+        assert poll.after_step() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert poll.after_step() == Stop(signal.SIGUSR1, None)
+    assert StopPoll(None, time.monotonic() - 61, 1.0).after_step() == Stop(None, 1.0)
 
 
 @pytest.fixture
@@ -85,7 +122,8 @@ def test_requeue_without_scontrol_is_a_warning(tmp_path, monkeypatch, caplog):
 
 
 def _signal_one_rank(rank: int, world: int, args: list[str], signal_at: int) -> dict:
-    """Train with stop signals installed; rank 1 alone sends itself SIGUSR1 just before its signal_at-th decision."""
+    """Train with stop signals installed; rank 1 alone sends itself SIGUSR1 just before its signal_at-th decision
+    (after step signal_at)."""
     from vlmo_ds.config import load_config
     from vlmo_ds.parallel.launch import DistEnv
     from vlmo_ds.train import stage_loop
@@ -93,15 +131,15 @@ def _signal_one_rank(rank: int, world: int, args: list[str], signal_at: int) -> 
 
     cfg = load_config(args[0], args[1:], world_size=world)
     env = DistEnv(rank, world, rank, world, 0, "127.0.0.1", 0, "torchrun")  # the process group is already up
-    decide, calls = stage_loop.agree_to_stop, []
+    decide, calls = stage_loop.StopPoll.after_step, []
 
-    def signal_then_decide(*decision_args):
+    def signal_then_decide(poll, *decision_args, **decision_kwargs):
         calls.append(1)
         if rank == 1 and len(calls) == signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return decide(*decision_args)
+        return decide(poll, *decision_args, **decision_kwargs)
 
-    stage_loop.agree_to_stop = signal_then_decide
+    stage_loop.StopPoll.after_step = signal_then_decide
     with StopSignals() as signals:
         result = train(cfg, env, signals)
     return {"stopped": result.stopped, "step": result.step, "received": signals.received, "decisions": len(calls)}
@@ -111,7 +149,7 @@ def _signal_one_rank(rank: int, world: int, args: list[str], signal_at: int) -> 
 def test_signal_on_one_rank_stops_both_after_the_same_step(run_data, tmp_path):
     run_dir = tmp_path / "run"
     args = recipe_args(run_data, run_dir, STEPS, 4, "train.global_batch=8")
-    ranks = run_ranks(_signal_one_rank, 2, args, 3, use_deepspeed=True)
+    ranks = run_ranks(_signal_one_rank, 2, args, 2, use_deepspeed=True)  # read after step 3 (StopPoll)
     assert [r["received"] for r in ranks] == [None, signal.SIGUSR1]
     for r in ranks:
         assert (r["stopped"], r["step"], r["decisions"]) == (Stop(signal.SIGUSR1, None), 3, 3)

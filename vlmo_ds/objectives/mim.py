@@ -2,7 +2,8 @@
 
 Targets: "pixels" - the masked patch's pixels, normalised per patch (mean 0, variance 1), regressed with MSE, which
 needs nothing external; "tokens" - visual-token ids stored in the shards by an external image tokenizer, predicted
-with cross-entropy. Shapes: B batch, P patches, p patch side, C channels.
+with cross-entropy. Every patch is scored and the masked ones are weighted in, divided by their count on the device:
+no boolean gather, whose size the host would have to wait for. Shapes: B batch, P patches, p patch side, C channels.
 """
 from __future__ import annotations
 
@@ -31,13 +32,16 @@ def mim_loss(predictions: torch.Tensor, patch_mask: torch.Tensor, *, images: tor
     Pixels (images given): MSE to normalised pixels; metric = the same MSE (1.0 is the mean predictor's level).
     Tokens (token_ids [B, P] given): cross-entropy; metric = accuracy.
     """
-    predicted = predictions[patch_mask].float()
+    weights = patch_mask.reshape(-1).float()  # [B*P]
+    count = weights.sum().clamp(min=1.0)
+    predicted = predictions.reshape(weights.shape[0], -1).float()  # [B*P, K]
     if token_ids is not None:
-        targets = token_ids[patch_mask]
-        loss = F.cross_entropy(predicted, targets)
-        return loss, (predicted.argmax(-1) == targets).float().mean().detach()
+        targets = token_ids.reshape(-1).masked_fill(weights == 0, -100)  # unmasked ids are never read
+        losses = F.cross_entropy(predicted, targets, ignore_index=-100, reduction="none")
+        accuracy = ((predicted.detach().argmax(-1) == targets).float() * weights).sum() / count
+        return (losses * weights).sum() / count, accuracy
     if images is None:
         raise ValueError("mim_loss needs images (pixel targets) or token_ids (visual-token targets)")
-    targets = normalised_pixel_targets(images, patch)[patch_mask]
-    loss = F.mse_loss(predicted, targets)
+    targets = normalised_pixel_targets(images, patch).reshape(predicted.shape)
+    loss = ((predicted - targets).square().mean(-1) * weights).sum() / count
     return loss, loss.detach()

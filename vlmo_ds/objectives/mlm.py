@@ -1,11 +1,15 @@
-"""Masked language modelling loss, computed only at the masked positions.
+"""Masked language modelling loss over the positions that carry a label (labels != -100).
 
-The head runs on the [M, D] rows that carry a label instead of all [B, T, D]: the same numbers for a fraction of
-the vocabulary projection (15% of tokens), which dominates the head's cost at V = 30522.
+The head runs on every position and the loss weighs each position by its label mask, divided by the count of
+labelled positions on the device: no boolean gather, whose output size the host would have to wait for (a GPU
+synchronisation per micro-step). The price is the vocabulary projection of the unlabelled positions too, about 1%
+of a base pre-training step's FLOPs. A batch without labels gives a zero loss (the count is clamped at 1), with the
+same graph and parameter set as any other batch, so every rank reduces the same gradients.
 
-Under tensor parallelism the head's logits are vocabulary-parallel ([M, V / t] on each of t ranks): the loss is
-megatron-core's vocab_parallel_cross_entropy and the accuracy's argmax is taken across the group, so no rank ever
-holds [M, V].
+Under tensor parallelism the head's logits are vocabulary-parallel ([B, T, V / t] on each of t ranks): the
+per-position losses are megatron-core's vocab_parallel_cross_entropy (which has no ignore_index: unlabelled
+positions are masked afterwards) and the accuracy's argmax is taken across the group, so no rank ever holds
+[B, T, V].
 """
 from __future__ import annotations
 
@@ -24,18 +28,19 @@ def masked_lm_loss(text_hidden: torch.Tensor, labels: torch.Tensor, head: Callab
 
     tp_group: the tensor-parallel group when `head` returns this rank's vocabulary slice; None for whole logits.
     """
-    picked = labels != -100
-    targets = labels[picked]
-    if targets.numel() == 0:  # keeps the graph (and the parameter set every rank reduces) the same as usual
-        zero = head(text_hidden[:, :1]).sum() * 0.0
-        return zero, zero.detach()
-    logits = head(text_hidden[picked])  # [M, V] or [M, V / t]
+    labels = labels.reshape(-1)
+    logits = head(text_hidden)
+    logits = logits.reshape(-1, logits.shape[-1])  # [B*T, V] or [B*T, V / t]
+    weights = (labels != -100).float()
+    count = weights.sum().clamp(min=1.0)
     if tp_group is None or group_size(tp_group) == 1:
-        loss = F.cross_entropy(logits.float(), targets)
-        accuracy = (logits.argmax(-1) == targets).float().mean().detach()
-        return loss, accuracy
-    accuracy = (_vocab_parallel_argmax(logits.detach(), tp_group) == targets).float().mean()
-    return _vocab_parallel_cross_entropy(logits.float(), targets, tp_group).mean(), accuracy
+        losses = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
+        predicted = logits.detach().argmax(-1)
+    else:
+        predicted = _vocab_parallel_argmax(logits.detach(), tp_group)
+        losses = _vocab_parallel_cross_entropy(logits.float(), labels, tp_group)
+    accuracy = ((predicted == labels).float() * weights).sum() / count
+    return (losses * weights).sum() / count, accuracy
 
 
 def _vocab_parallel_argmax(logits: torch.Tensor, tp_group) -> torch.Tensor:
@@ -48,8 +53,9 @@ def _vocab_parallel_argmax(logits: torch.Tensor, tp_group) -> torch.Tensor:
 
 
 def _vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, tp_group) -> torch.Tensor:
-    """[M] per-position losses; megatron's function reduces over megatron's tensor-parallel group, which must be
-    `tp_group`. It overwrites `logits` in place (its memory saving), so callers read logits before."""
+    """[M] per-position losses (finite at -100 targets: no rank holds them, so their target logit counts as 0);
+    megatron's function reduces over megatron's tensor-parallel group, which must be `tp_group`. It overwrites
+    `logits` in place (its memory saving), so callers read logits before."""
     from megatron.core import parallel_state  # only tensor-parallel runs pay for importing megatron-core
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 

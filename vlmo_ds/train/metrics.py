@@ -105,11 +105,13 @@ class MetricsLogger(AbstractContextManager):
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
 
-    def log(self, step: int, scalars: Mapping[str, float], stage: str | None = None) -> None:
+    def log(self, step: int, scalars: Mapping[str, float], stage: str | None = None, *,
+            wall: float | None = None) -> None:
         """Write scalars (losses, accuracies, lr, grad_norm, skipped-sample counts, ...) for ``step``.
 
-        Values may be floats, ints or 0-d tensors. ``stage`` names the stage on the jsonl line (default: the last
-        stage given here or to ``set_stage``).
+        Values may be floats, ints or 0-d tensors (a tensor is read here: the trainer passes floats it read once per
+        log interval). ``stage`` names the stage on the jsonl line (default: the last stage given here or to
+        ``set_stage``). ``wall``: the Unix time of the values (default: now), for lines written after their step.
         """
         if stage is not None:
             self.stage = stage
@@ -118,7 +120,7 @@ class MetricsLogger(AbstractContextManager):
         if self._tb is None:
             raise RuntimeError("MetricsLogger.log after close(): log before closing, or build a new logger")
         values = {name: float(value) for name, value in scalars.items()}
-        wall = self.wall_clock()
+        wall = self.wall_clock() if wall is None else wall
         for name, value in values.items():
             self._tb.add_scalar(name, value, step, walltime=wall)
         record = {"step": step, "time": wall, "stage": self.stage}

@@ -9,9 +9,15 @@ Signals, while StopSignals is installed (recorded instead of ending the process)
              (Slurm's own preemption with PreemptMode=REQUEUE requeues by itself.)
 
 Signals reach the ranks unevenly: `kill -USR1 PID` reaches one rank, and even a signal sent to every task arrives at
-different steps on different ranks. The handler therefore only records the signal; the decision is one MAX
-all-reduce of [signal, past the deadline] at a step boundary, so if any rank saw a signal (or passed the deadline),
-all ranks stop after the same step and none is left waiting in a collective of a step the others never start.
+different steps on different ranks. The handler therefore only records the signal; the decision is a MAX all-reduce
+of [signal, past the deadline], so if any rank saw a signal (or passed the deadline), all ranks stop after the same
+step and none is left waiting in a collective of a step the others never start.
+
+Inside a stage (StopPoll) that all-reduce never blocks a step: each rank posts its flags after step s without waiting
+(async_op, over a CPU (gloo) group, so no device is involved) and reads the answer after step s + 1. Every rank reads
+the same answer after the same step, so a stop is honoured one step after the step at which the flag was posted
+(with several ranks; one process decides at once), and the stage's last step decides at once (a blocking vote: the
+stage ends there anyway). Between stages the trainer asks agree_to_stop, which blocks.
 A process stuck inside a collective runs no Python handler: it needs SIGKILL (Slurm sends it KillWait after SIGTERM).
 """
 from __future__ import annotations
@@ -86,13 +92,73 @@ class StopSignals:
 def agree_to_stop(signals: StopSignals | None, started: float, deadline_minutes: float | None,
                   device: torch.device) -> Stop | None:
     """Every rank calls this at the same step boundary and gets the same answer: why all ranks stop now, or None to
-    go on. `started` is time.monotonic() at the run's start; signals None: only the deadline can stop the run."""
+    go on. `started` is time.monotonic() at the run's start; signals None: only the deadline can stop the run.
+    Blocking: for the boundaries between stages (inside a stage, StopPoll)."""
+    flags = _flags(signals, started, deadline_minutes).to(device)
+    if _distributed():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return _decide(flags.tolist(), deadline_minutes)
+
+
+def flag_group():
+    """The group StopPoll votes over: the default group when it runs on gloo, else (NCCL) a new gloo group of every
+    rank, so the flags stay on the CPU. Collective: every rank calls it once, at the same point."""
+    if not _distributed() or dist.get_backend() == dist.Backend.GLOO:
+        return None
+    return dist.new_group(backend=dist.Backend.GLOO)
+
+
+class StopPoll:
+    """The stop decision after each step of a stage, with no blocking collective but at the stage's last step.
+
+    after_step() returns the answer of the vote posted after the previous step (see the module's docstring): with
+    several ranks a stop comes one step after the step it was asked at. Every rank builds one per stage and calls
+    after_step after every step; no vote is left open once it has returned a stop or been called with last=True.
+    """
+
+    def __init__(self, signals: StopSignals | None, started: float, deadline_minutes: float | None,
+                 group=None) -> None:
+        self.signals, self.started, self.deadline_minutes, self.group = signals, started, deadline_minutes, group
+        self._pending: tuple[dist.Work, torch.Tensor] | None = None
+
+    def after_step(self, last: bool = False) -> Stop | None:
+        """Why every rank stops after this step, or None; last: the stage's last step (a blocking vote)."""
+        flags = _flags(self.signals, self.started, self.deadline_minutes)
+        if not _distributed() or dist.get_world_size(self.group) == 1:
+            return _decide(flags.tolist(), self.deadline_minutes)
+        earlier = self._collect()
+        if last:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            return _decide(torch.maximum(flags, earlier).tolist(), self.deadline_minutes)
+        self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flags)
+        if _decide(earlier.tolist(), self.deadline_minutes) is None:
+            return None
+        # stopping: close the vote just posted too (every rank did post it), so a later SIGTERM still names the stop
+        return _decide(torch.maximum(earlier, self._collect()).tolist(), self.deadline_minutes)
+
+    def _collect(self) -> torch.Tensor:
+        """The answer of the open vote (no signal, not late when none is open)."""
+        if self._pending is None:
+            return torch.zeros(2)
+        work, flags = self._pending
+        self._pending = None
+        work.wait()
+        return flags
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _flags(signals: StopSignals | None, started: float, deadline_minutes: float | None) -> torch.Tensor:
+    """[signal number or 0, past the deadline] of this rank, on the CPU."""
     received = signals.received if signals is not None else None
     late = deadline_minutes is not None and time.monotonic() - started > deadline_minutes * 60
-    flags = torch.tensor([float(received or 0), float(late)], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    signum, late = (int(value) for value in flags.tolist())
+    return torch.tensor([float(received or 0), float(late)])
+
+
+def _decide(flags: list[float], deadline_minutes: float | None) -> Stop | None:
+    signum, late = (int(value) for value in flags)
     if signum or late:
         return Stop(signum or None, deadline_minutes)
     return None
