@@ -242,7 +242,7 @@ def pipeline_steps(stage, engine, steps) -> list[float]:
         out = image_text_step(stage, micro_batches(step), LossWeights(), [step * MICRO + m for m in range(MICRO)])
         reduce_stage_gradients(engine)
         engine.step()
-        losses.append(out.metrics["loss"])
+        losses.append(float(out.metrics["loss"]))
     return losses
 
 

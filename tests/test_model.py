@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlmo_ds.model.attention import SDPA, AttentionInputs
 from vlmo_ds.model.config import ModelConfig, preset
-from vlmo_ds.model.vlmo import VLMo
+from vlmo_ds.model.vlmo import PassInputs, VLMo
 
 
 def count(model: VLMo) -> int:
@@ -73,11 +74,14 @@ def test_sdpa_attention_matches_the_published_formula(tiny):
     ids, mask = text_batch(cfg)
     image = torch.randn(3, 3, cfg.image_size, cfg.image_size)
     x = torch.cat([tiny.embed_text(ids), tiny.embed_image(image)], dim=1)
+    inputs = tiny.attention_inputs("fused", PassInputs(text_mask=mask), x.device)
+    table = tiny.layer_table(1)
     key_mask = torch.cat([mask, mask.new_ones(3, cfg.image_len)], dim=1)
-    bias = tiny.layer_biases("fused_index", key_mask, x.dtype)[1]
+    padding = torch.zeros(key_mask.shape).masked_fill(key_mask == 0, float("-inf"))[:, None, None]
+    bias = table[tiny.fused_index].permute(2, 0, 1)[None] + padding  # the dense [B, H, N, N] bias of old
     block = tiny.transformer.blocks[1]
     with torch.no_grad():
-        assert torch.allclose(block.attn(x, bias), explicit_attention(block.attn, x, bias), atol=1e-6)
+        assert torch.allclose(block.attn(x, inputs, table), explicit_attention(block.attn, x, bias), atol=1e-6)
 
 
 def test_padding_never_changes_real_tokens(tiny):
@@ -116,11 +120,11 @@ def test_paths_and_shapes(tiny):
 def test_vl_path_reruns_the_top_blocks(tiny):
     cfg = tiny.cfg
     image = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    inputs = PassInputs(images=image)
     with torch.no_grad():
-        x = tiny.embed_image(image)
-        biases = tiny.layer_biases("image_index", None, x.dtype)
-        below = tiny.run_blocks(x, biases, "image", end=cfg.vlffn_start)
-        expected = tiny.transformer.norm(tiny.run_blocks(below, biases, "vl", start=cfg.vlffn_start))
+        below = tiny.run_blocks(tiny.embed("image", inputs), inputs, range(cfg.vlffn_start))["image"]
+        top = tiny.run_blocks({"image_vl": below}, inputs, range(cfg.vlffn_start, cfg.depth))["image_vl"]
+        expected = tiny.transformer.norm(top)
         assert torch.allclose(tiny.encode_image(image, vl_path=True).vl_hidden, expected, atol=1e-6)
 
 
@@ -128,15 +132,15 @@ def test_fused_block_without_vl_expert_routes_by_modality(tiny):
     block = tiny.transformer.blocks[0]
     assert not block.with_vl
     x = torch.randn(2, 5 + 4, tiny.cfg.dim)
-    zero_bias = torch.zeros(1, tiny.cfg.heads, 9, 9)
+    plain = AttentionInputs(9, None, None, SDPA, x.device)  # no relative bias, no padding
     with torch.no_grad():
-        fused = block(x, zero_bias, "fused", text_len=5)
-        text = block(x, zero_bias, "text")
-        image = block(x, zero_bias, "image")
+        fused = block(x, "fused", plain, text_len=5)
+        text = block(x, "text", plain)
+        image = block(x, "image", plain)
     assert torch.allclose(fused[:, :5], text[:, :5], atol=1e-6)
     assert torch.allclose(fused[:, 5:], image[:, 5:], atol=1e-6)
     with pytest.raises(ValueError, match="vision-language expert"):
-        block(x, zero_bias, "vl")
+        block(x, "vl", plain)
 
 
 def test_drop_path_is_per_sample_and_off_in_eval():

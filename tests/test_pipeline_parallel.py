@@ -170,7 +170,7 @@ def train_stage(cfg, state, mpu, checkpoint_every: int) -> dict:
             first_grads = grads_of(stage)
         norm = clip_(stage.parameters(), mpu.get_model_parallel_group(), mpu.get_tensor_model_parallel_rank())
         opt.step()
-        log.append({k: out.metrics[k] for k in KEYS} | {"norm": norm})
+        log.append({k: float(out.metrics[k]) for k in KEYS} | {"norm": norm})
     return {"log": log, "negatives": negatives, "grads": first_grads, "calls": calls,
             "state": {k: v.detach().clone() for k, v in stage.state_dict().items()}}
 
@@ -183,7 +183,7 @@ def unimodal_steps(cfg, state, mpu, names) -> dict:
         step = {"text": text_mlm_step, "image": image_mim_step}[name]
         stage = build_stage(cfg, state, mpu)
         result = step(stage, micro_batches(cfg, 0))
-        out[name] = {"loss": result.metrics["loss"], "grads": grads_of(stage)}
+        out[name] = {"loss": float(result.metrics["loss"]), "grads": grads_of(stage)}
     return out
 
 
@@ -209,7 +209,7 @@ def deepspeed_rank_fn(rank, world, cfg, state):
                               [seed_of(step, m) for m in range(MICRO)])
         reduce_stage_gradients(engine)
         engine.step()
-        log.append({k: out.metrics[k] for k in KEYS} | {"norm": float(engine.get_global_grad_norm())})
+        log.append({k: float(out.metrics[k]) for k in KEYS} | {"norm": float(engine.get_global_grad_norm())})
         negatives += [[t.tolist() for t in pair] for pair in out.negatives]
     return {"layout": {"tp": 0, "pp": mpu.get_pipeline_model_parallel_rank(), "dp": dp_rank}, "log": log,
             "negatives": negatives, "state": {k: v.detach().clone() for k, v in stage.state_dict().items()}}

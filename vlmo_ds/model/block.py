@@ -9,9 +9,9 @@ Modes:  "image" / "text": every token goes through that modality's expert;
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vlmo_ds.model.attention import AttentionInputs, attend
 from vlmo_ds.model.layers import Layers
 
 MODES = ("image", "text", "fused", "vl")
@@ -46,11 +46,11 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with q/v biases (k has none) and an additive bias [B|1, H, N, N].
+    """Multi-head self-attention with q/v biases (k has none), the relative position bias and key padding.
 
     qkv is one column-parallel linear whose local output rows are [q ; k ; v] of this rank's heads, so the same
-    reshape serves every tensor-parallel size. The bias carries relative positions and padding (-inf) in one tensor,
-    which lets torch's scaled_dot_product_attention pick a fused kernel on GPUs.
+    reshape serves every tensor-parallel size. The bias is made here, per call, from the pass's AttentionInputs and
+    this block's columns of the relative table (vlmo_ds.model.attention), never kept for the pass.
     """
 
     def __init__(self, dim: int, heads: int, layers: Layers):
@@ -62,11 +62,12 @@ class Attention(nn.Module):
         self.v_bias = layers.shard_parameter(nn.Parameter(torch.zeros(local_dim)), dim=0)
         self.proj = layers.row(dim, dim)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, table: torch.Tensor | None) -> torch.Tensor:
+        """x [B, N, D]; table [rows, H] (this block's relative-table columns) or None."""
         b, n, _ = x.shape
         qkv = self.qkv(x) + torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
         q, k, v = qkv.reshape(b, n, 3, self.local_heads, -1).permute(2, 0, 3, 1, 4)  # each [B, H, N, hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+        out = attend(q, k, v, table, inputs)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -94,8 +95,11 @@ class Block(nn.Module):
         out = getattr(self, f"mlp_{name}")(getattr(self, f"norm2_{name}")(x))
         return out if self.gamma_2 is None else self.gamma_2 * out
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, mode: str, text_len: int = 0) -> torch.Tensor:
-        attn = self.attn(self.norm1(x), bias)
+    def forward(self, x: torch.Tensor, mode: str, attention: AttentionInputs, table: torch.Tensor | None = None,
+                text_len: int = 0) -> torch.Tensor:
+        """x [B, N, D] in `mode`; attention: the pass's index and key mask; table: this block's [rows, H] columns
+        of the relative table (None without relative positions); text_len: the text part of a fused sequence."""
+        attn = self.attn(self.norm1(x), attention, table)
         x = x + self.drop_path(attn if self.gamma_1 is None else self.gamma_1 * attn)
         if mode == "image":
             return x + self.drop_path(self._expert("imag", x))

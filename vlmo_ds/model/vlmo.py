@@ -1,8 +1,21 @@
 """VLMo: one MoME transformer used as an image encoder, a text encoder (the dual encoder for retrieval and ITC) and a
 fusion encoder over [text ; I_CLS ; patches] (ITM, MLM, VQA, NLVR2).
 
-Shapes: B batch, T text length (fixed, padded), P patches, D dim, V vocabulary.
+Shapes: B batch, T text length (fixed, padded), P patches, D dim, V vocabulary, H heads, N sequence.
 Module and parameter names are those of the published checkpoint, so its state dict maps onto ours key for key.
+
+One forward: a pass (`embed` -> `run_blocks` over a range of blocks -> `final_norm`) is the code of the one-process
+paths (encode_image / encode_text / encode_pair) and of every pipeline stage, which is a VLMo holding only its
+blocks (vlmo_ds.parallel.pipeline_stage); the losses over the final streams are in vlmo_ds.objectives.pretrain.
+
+What a block keeps for backward (the capacity planner models this):
+    with activation checkpointing: its input [B, N, D]; shared by every block of a pass: the relative index
+        [N', N'] (int64) and the key mask [B, N'] (bool), N' = N padded for the kernel (vlmo_ds.model.attention)
+    without: the pre-norm block's tensors - the two norm inputs, qkv [B, N, 3D], the attention output [B, N, D] and
+        log-sum-exp [B, H, N], the projection input, the expert's fc1 and GELU outputs [B, N, 4D], drop-path masks -
+        and, on the sdpa kernel, its additive mask: [1, H, N', N'] for images, [B, H, N', N'] for padded text and
+        fused sequences (FlexAttention keeps no mask)
+No per-layer bias exists outside a block: each block builds it from the index, the key mask and its table columns.
 """
 from __future__ import annotations
 
@@ -15,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmo_ds.model import relative_position as rp
+from vlmo_ds.model.attention import AttentionInputs, kernel_for
 from vlmo_ds.model.backbone import Backbone
 from vlmo_ds.model.config import ModelConfig
 from vlmo_ds.model.embeddings import TextEmbeddings
@@ -30,9 +44,30 @@ class UnimodalOutput:
     """[B, N, D] after the final norm, top blocks re-run with the VL expert (the second ITC path); None if not asked."""
 
 
-def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, N] 1/0 key mask -> [B, 1, 1, N] additive bias (0 or -inf)."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask == 0, float("-inf"))[:, None, None]
+@dataclass
+class PassInputs:
+    """What one pass reads: the embeddings need images / text_ids; every block range needs text_mask (the text and
+    fused streams' key padding; T = text_mask.shape[1])."""
+
+    text_mask: torch.Tensor | None = None
+    """[B, T] 1/0 key mask of the text (or the text part of the fused sequence)."""
+    text_ids: torch.Tensor | None = None
+    """[B, T] token ids."""
+    images: torch.Tensor | None = None
+    """[B, C, H, W]."""
+    patch_mask: torch.Tensor | None = None
+    """[B, P] bool: patches replaced by the mask token (MIM)."""
+    image_type: int = 1
+    """Modality type of the image in a fused pass (2 for NLVR2's second image)."""
+
+
+PASSES = ("unimodal", "image", "text", "fused")
+"""Pass kinds: image and text together with the VL path (ITC), image alone (MIM), text alone (MLM), fused."""
+STREAM_MODE = {"image": "image", "text": "text", "image_vl": "vl", "text_vl": "vl", "fused": "fused"}
+"""The block mode of each stream a pass carries; image_vl / text_vl are the VL-expert copies of the image / text
+stream taken entering block vlffn_start (ITC's second feature pair)."""
+STREAM_SEQUENCE = {"image": "image", "image_vl": "image", "text": "text", "text_vl": "text", "fused": "fused"}
+"""The sequence (relative positions, key padding) each stream attends over."""
 
 
 class VLMo(nn.Module):
@@ -42,6 +77,8 @@ class VLMo(nn.Module):
         self.cfg = cfg
         d = cfg.dim
         self.transformer = Backbone(cfg, layers)
+        self.held_blocks = range(cfg.depth)
+        """The blocks whose modules and relative-table columns this model holds (a pipeline stage: its range)."""
         if cfg.rel_pos:
             local_heads = layers.local(cfg.heads, "heads")
             rows = rp.num_rows(cfg.window, cfg.table_text_len)
@@ -84,23 +121,67 @@ class VLMo(nn.Module):
         """
         return objective(self, *args, **kwargs)
 
-    # ---- attention biases -------------------------------------------------------------------------------------
-    def layer_biases(self, index_name: str, key_mask: torch.Tensor | None, dtype: torch.dtype) -> list:
-        """Per block: [B|1, H, N, N] relative position bias + padding bias (None when there is neither)."""
-        pad = None if key_mask is None else padding_bias(key_mask, dtype)
-        if not self.cfg.rel_pos:
-            return [pad] * self.cfg.depth
-        index = getattr(self, index_name)
-        rel = F.embedding(index, self.relative_position_bias_table).to(dtype)  # [N, N, depth * H]
-        rel = rel.permute(2, 0, 1).unsqueeze(0)  # [1, depth * H, N, N]
-        per_layer = rel.chunk(self.cfg.depth, dim=1)
-        return list(per_layer) if pad is None else [r + pad for r in per_layer]
+    # ---- one pass over a range of blocks: the one-process paths and every pipeline stage run this code -------------
+    def embed(self, kind: str, inputs: PassInputs) -> dict[str, torch.Tensor]:
+        """The streams entering block 0 of pass `kind` (PASSES), {stream: [B, L, D]}."""
+        if kind not in PASSES:
+            raise ValueError(f"unknown pass {kind!r}; passes are {', '.join(PASSES)}")
+        if kind == "fused":
+            text = self.embed_text(inputs.text_ids)
+            return {"fused": torch.cat([text, self.embed_image(inputs.images, inputs.image_type)], dim=1)}
+        streams = {}
+        if kind in ("unimodal", "image"):
+            streams["image"] = self.embed_image(inputs.images, patch_mask=inputs.patch_mask)
+        if kind in ("unimodal", "text"):
+            streams["text"] = self.embed_text(inputs.text_ids)
+        return streams
 
-    def run_blocks(self, x: torch.Tensor, biases: list, mode: str, start: int = 0, end: int | None = None,
-                   text_len: int = 0) -> torch.Tensor:
-        for i in range(start, self.cfg.depth if end is None else end):
-            x = self.transformer.blocks[i](x, biases[i], mode, text_len)
-        return x
+    def attention_inputs(self, sequence: str, inputs: PassInputs, device: torch.device) -> AttentionInputs:
+        """Index and key mask of "image", "text" or "fused" sequences, shared by every block of a pass."""
+        text_len = 0 if inputs.text_mask is None else inputs.text_mask.shape[1]
+        length, key_mask = {"image": (self.cfg.image_len, None), "text": (text_len, inputs.text_mask),
+                            "fused": (text_len + self.cfg.image_len, inputs.text_mask)}[sequence]
+        if sequence == "fused":
+            key_mask = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], self.cfg.image_len)], dim=1)
+        index = getattr(self, f"{sequence}_index") if self.cfg.rel_pos else None
+        return AttentionInputs(length, index, key_mask, kernel_for(device.type), device)
+
+    def layer_table(self, i: int) -> torch.Tensor | None:
+        """Block i's [rows, H] columns of the relative table (a view; None without relative positions)."""
+        if not self.cfg.rel_pos:
+            return None
+        table = self.relative_position_bias_table
+        h = table.shape[1] // len(self.held_blocks)
+        j = i - self.held_blocks.start
+        return table[:, j * h : (j + 1) * h]
+
+    def run_blocks(self, streams: dict[str, torch.Tensor], inputs: PassInputs, blocks: range,
+                   vl_path: bool = False) -> dict[str, torch.Tensor]:
+        """Every stream through blocks `blocks` (each stream its own call per block, in its STREAM_MODE); with
+        vl_path, the image / text streams are copied entering block vlffn_start into image_vl / text_vl."""
+        device = next(iter(streams.values())).device
+        attention = {seq: self.attention_inputs(seq, inputs, device) for seq in {STREAM_SEQUENCE[n] for n in streams}}
+        text_len = inputs.text_mask.shape[1] if "fused" in streams else 0
+        streams = dict(streams)
+        for i in blocks:
+            if vl_path and i == self.cfg.vlffn_start:
+                streams |= {f"{name}_vl": streams[name] for name in ("image", "text") if name in streams}
+            block, table = self.transformer.blocks[i], self.layer_table(i)
+            for name, x in streams.items():
+                streams[name] = block(x, STREAM_MODE[name], attention[STREAM_SEQUENCE[name]], table, text_len)
+        return streams
+
+    def final_norm(self, streams: dict[str, torch.Tensor], vl_path: bool = False) -> dict[str, torch.Tensor]:
+        """The final norm of every stream; with vl_path and no VL block (vlffn_start = depth) the VL path is the
+        plain one."""
+        if vl_path:
+            streams = {f"{name}_vl": streams[name] for name in ("image", "text") if name in streams} | streams
+        return {name: self.transformer.norm(x) for name, x in streams.items()}
+
+    def encode(self, kind: str, inputs: PassInputs, vl_path: bool = False) -> dict[str, torch.Tensor]:
+        """Pass `kind` through every block: {stream: [B, L, D] after the final norm}."""
+        return self.final_norm(self.run_blocks(self.embed(kind, inputs), inputs, range(self.cfg.depth), vl_path),
+                               vl_path)
 
     # ---- embeddings ---------------------------------------------------------------------------------------------
     def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
@@ -114,34 +195,22 @@ class VLMo(nn.Module):
         return x + self.token_type_embeddings(torch.full(x.shape[:2], image_type, device=x.device))
 
     # ---- the three paths ------------------------------------------------------------------------------------------
-    def _unimodal(self, x: torch.Tensor, biases: list, mode: str, vl_path: bool) -> UnimodalOutput:
-        split = self.cfg.vlffn_start
-        below = self.run_blocks(x, biases, mode, end=split)
-        top = self.run_blocks(below, biases, mode, start=split)
-        vl = self.run_blocks(below, biases, "vl", start=split) if vl_path else None
-        norm = self.transformer.norm
-        return UnimodalOutput(norm(top), None if vl is None else norm(vl))
-
     def encode_image(self, images: torch.Tensor, vl_path: bool = False,
                      patch_mask: torch.Tensor | None = None) -> UnimodalOutput:
         """Image only, through the image experts: hidden [B, 1+P, D] (I_CLS first)."""
-        x = self.embed_image(images, patch_mask=patch_mask)
-        return self._unimodal(x, self.layer_biases("image_index", None, x.dtype), "image", vl_path)
+        out = self.encode("image", PassInputs(images=images, patch_mask=patch_mask), vl_path)
+        return UnimodalOutput(out["image"], out.get("image_vl"))
 
     def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor, vl_path: bool = False) -> UnimodalOutput:
         """Text only, through the text experts: hidden [B, T, D] (T_CLS first)."""
-        x = self.embed_text(text_ids)
-        return self._unimodal(x, self.layer_biases("text_index", text_mask, x.dtype), "text", vl_path)
+        out = self.encode("text", PassInputs(text_mask=text_mask, text_ids=text_ids), vl_path)
+        return UnimodalOutput(out["text"], out.get("text_vl"))
 
     def encode_pair(self, text_ids: torch.Tensor, text_mask: torch.Tensor, images: torch.Tensor,
                     image_type: int = 1) -> torch.Tensor:
         """Fusion encoder over [text ; I_CLS ; patches]: [B, T+1+P, D] after the final norm."""
-        text = self.embed_text(text_ids)
-        image = self.embed_image(images, image_type)
-        x = torch.cat([text, image], dim=1)
-        key_mask = torch.cat([text_mask, text_mask.new_ones(image.shape[:2])], dim=1)
-        biases = self.layer_biases("fused_index", key_mask, x.dtype)
-        return self.transformer.norm(self.run_blocks(x, biases, "fused", text_len=text.shape[1]))
+        inputs = PassInputs(text_mask=text_mask, text_ids=text_ids, images=images, image_type=image_type)
+        return self.encode("fused", inputs)["fused"]
 
     # ---- heads ------------------------------------------------------------------------------------------------------
     def itc_image(self, out: UnimodalOutput) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,8 +1,11 @@
-"""The pre-training losses of each stage, composed from the objectives with as few forward passes as possible.
+"""The pre-training losses of each stage, composed from the objectives with as few forward passes as possible, and
+written once: the terms over the final streams below are used by the one-process step here and by every pipeline
+stage layout (vlmo_ds.parallel.pipeline_step).
 
 Image-text step (stage 3), per micro-batch of B pairs:
-    1. image-only pass and text-only pass, each with the VL-expert path of the top blocks (ITC, both feature pairs);
-    2. ITM hard negatives drawn from the ITC similarities of the global (data-parallel) batch;
+    1. the unimodal pass: image and text streams, each with the VL-expert path of the top blocks (ITC, both pairs);
+    2. ITM hard negatives drawn from the ITC similarities of the global (data-parallel) batch, their images and
+       texts fetched from the ranks that hold them (vlmo_ds.objectives.negatives);
     3. ONE fused pass over 4B pairs: [masked text, image] for MLM, then [text, image], [text, negative image],
        [negative text, image] for ITM. Under ZeRO-3 every pass re-gathers the parameters, so one batched fused call
        instead of the published four saves three gathers of every block.
@@ -15,12 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmo_ds.model.vlmo import VLMo
-from vlmo_ds.objectives.itc import contrastive_accuracy, contrastive_loss
+from vlmo_ds.model.vlmo import PassInputs, UnimodalOutput, VLMo
+from vlmo_ds.objectives.itc import ContrastiveResult, contrastive_accuracy, contrastive_loss
 from vlmo_ds.objectives.itm import itm_labels, itm_loss, sample_hard_negatives
 from vlmo_ds.objectives.mim import mim_loss
 from vlmo_ds.objectives.mlm import masked_lm_loss
-from vlmo_ds.parallel.collectives import all_gather_nograd
+from vlmo_ds.objectives.negatives import exchange_negatives
+
+TERMS = ("itc", "mlm", "itm")
+"""The weighted terms of the image-text loss, in the order the total sums them."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,65 @@ class LossWeights:
     mlm: float = 0.25
 
 
+def unimodal_inputs(batch: dict) -> PassInputs:
+    """The unimodal (ITC) pass of an image-text batch."""
+    return PassInputs(text_mask=batch["text_mask"], text_ids=batch["text_ids"], images=batch["image"])
+
+
+def contrastive_terms(model: VLMo, streams: dict[str, torch.Tensor], group=None,
+                      itc_local_rows: bool = False) -> tuple[dict[str, torch.Tensor], ContrastiveResult]:
+    """ITC over the unimodal pass's final streams (image, text, image_vl, text_vl): ({"itc", accuracies,
+    "logit_scale"}, the plain pair's similarities for the ITM draw)."""
+    image, image_vl = model.itc_image(UnimodalOutput(streams["image"], streams["image_vl"]))
+    text, text_vl = model.itc_text(UnimodalOutput(streams["text"], streams["text_vl"]))
+    plain = contrastive_loss(image, text, model.logit_scale, group, itc_local_rows)
+    vl = contrastive_loss(image_vl, text_vl, model.logit_vl_scale, group, itc_local_rows)
+    out = {"itc": (plain.loss + vl.loss) / 2}
+    out["itc_i2t_acc"], out["itc_t2i_acc"] = contrastive_accuracy(plain)
+    out["logit_scale"] = model.logit_scale.detach().exp()
+    return out, plain
+
+
+def fused_inputs(batch: dict, weights: LossWeights, negatives: tuple[torch.Tensor, torch.Tensor] | None,
+                 group=None, embeds: bool = True) -> PassInputs:
+    """The fused pass: [MLM ; positive ; negative image ; negative text] pairs (the parts the weights ask for).
+    negatives: global indices (negative image per text, negative text per image); embeds=False (a pipeline stage
+    after the first): only the key mask is built, and only the negatives' masks are fetched."""
+    image, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
+    parts = [(batch["mlm_ids"], mask, image)] if weights.mlm else []
+    if negatives is not None:
+        neg_images, neg_ids, neg_mask = exchange_negatives(*negatives, image if embeds else None,
+                                                           ids if embeds else None, mask, group)
+        parts += [(ids, mask, image), (ids, mask, neg_images), (neg_ids, neg_mask, image)]
+    ids, mask, images = zip(*parts)
+    if not embeds:
+        return PassInputs(text_mask=torch.cat(mask))
+    return PassInputs(text_mask=torch.cat(mask), text_ids=torch.cat(ids), images=torch.cat(images))
+
+
+def fused_terms(model: VLMo, fused: torch.Tensor, batch: dict, weights: LossWeights,
+                tp_group=None) -> dict[str, torch.Tensor]:
+    """MLM and ITM over the fused pass's final stream [4B or 3B or B, T+1+P, D]: {"mlm", "mlm_acc", "itm",
+    "itm_acc"} (those the weights ask for)."""
+    b, out = batch["text_ids"].shape[0], {}
+    if weights.mlm:
+        out["mlm"], out["mlm_acc"] = masked_lm_loss(fused[:b, : batch["text_ids"].shape[1]], batch["mlm_labels"],
+                                                    model.mlm_logits, tp_group)
+        fused = fused[b:]
+    if weights.itm:
+        out["itm"], out["itm_acc"] = itm_loss(model.itm_logits(fused), itm_labels(b, fused.device))
+    return out
+
+
+def weighted_total(found: dict[str, torch.Tensor], weights: LossWeights, names=TERMS) -> torch.Tensor:
+    """The sum of the weighted terms present in `found` (of `names`), added in TERMS' order."""
+    terms = [getattr(weights, name) * found[name] for name in TERMS if name in names and name in found]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
 def image_text_losses(model: VLMo, batch: dict, weights: LossWeights, seed: int, group=None,
                       itc_local_rows: bool = False, tp_group=None) -> dict[str, torch.Tensor]:
     """{"loss": weighted total, "itc", "itm", "mlm" and accuracies}; seed picks the ITM negatives of this step.
@@ -39,55 +104,53 @@ def image_text_losses(model: VLMo, batch: dict, weights: LossWeights, seed: int,
     group: the data-parallel group (ITC and ITM gathers); tp_group: the tensor-parallel group of a model built with
     vocabulary-parallel MLM logits (None: whole logits).
     """
-    image, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
-    b = ids.shape[0]
     out: dict[str, torch.Tensor] = {}
-    total = image.new_zeros(())
-    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # fused (text ids, text mask, images)
-    if weights.mlm:
-        parts.append((batch["mlm_ids"], mask, image))
+    negatives = None
     if weights.itc or weights.itm:
-        image_feats, image_vl = model.itc_image(model.encode_image(image, vl_path=True))
-        text_feats, text_vl = model.itc_text(model.encode_text(ids, mask, vl_path=True))
-        itc = contrastive_loss(image_feats, text_feats, model.logit_scale, group, itc_local_rows)
-        itc_vl = contrastive_loss(image_vl, text_vl, model.logit_vl_scale, group, itc_local_rows)
-        out["itc"] = (itc.loss + itc_vl.loss) / 2
-        out["itc_i2t_acc"], out["itc_t2i_acc"] = contrastive_accuracy(itc)
-        out["logit_scale"] = model.logit_scale.detach().exp()
-        total = total + weights.itc * out["itc"]
-    if weights.itm:
-        neg_image, neg_text = sample_hard_negatives(itc, seed, b, group)
-        all_images, all_ids, all_mask = (all_gather_nograd(t, group) for t in (image, ids, mask))
-        parts += [(ids, mask, image), (ids, mask, all_images[neg_image]),
-                  (all_ids[neg_text], all_mask[neg_text], image)]
-    if parts:
-        fused = model.encode_pair(*(torch.cat(column) for column in zip(*parts)))
-        if weights.mlm:
-            out["mlm"], out["mlm_acc"] = masked_lm_loss(fused[:b, : ids.shape[1]], batch["mlm_labels"],
-                                                        model.mlm_logits, tp_group)
-            total = total + weights.mlm * out["mlm"]
-            fused = fused[b:]
+        streams = model.encode("unimodal", unimodal_inputs(batch), vl_path=True)
+        found, itc = contrastive_terms(model, streams, group, itc_local_rows)
+        out |= found
         if weights.itm:
-            out["itm"], out["itm_acc"] = itm_loss(model.itm_logits(fused), itm_labels(b, fused.device))
-            total = total + weights.itm * out["itm"]
-    out["loss"] = total
+            negatives = sample_hard_negatives(itc, seed, batch["text_ids"].shape[0], group)
+    if weights.mlm or weights.itm:
+        fused = model.encode("fused", fused_inputs(batch, weights, negatives, group))["fused"]
+        out |= fused_terms(model, fused, batch, weights, tp_group)
+    out["loss"] = weighted_total(out, weights)
     return out
+
+
+def text_mlm_inputs(batch: dict) -> PassInputs:
+    """The text-only pass of a masked-text batch."""
+    return PassInputs(text_mask=batch["text_mask"], text_ids=batch["mlm_ids"])
+
+
+def text_mlm_terms(model: VLMo, text: torch.Tensor, batch: dict, tp_group=None) -> dict[str, torch.Tensor]:
+    """MLM over the text pass's final stream [B, T, D]: {"loss", "mlm", "mlm_acc"}."""
+    loss, accuracy = masked_lm_loss(text, batch["mlm_labels"], model.mlm_logits, tp_group)
+    return {"loss": loss, "mlm": loss, "mlm_acc": accuracy}
 
 
 def text_mlm_losses(model: VLMo, batch: dict, tp_group=None) -> dict[str, torch.Tensor]:
     """Text-only masked language modelling (stage 2): text experts only; tp_group as in image_text_losses."""
-    hidden = model.encode_text(batch["mlm_ids"], batch["text_mask"]).hidden
-    loss, accuracy = masked_lm_loss(hidden, batch["mlm_labels"], model.mlm_logits, tp_group)
-    return {"loss": loss, "mlm": loss, "mlm_acc": accuracy}
+    return text_mlm_terms(model, model.encode("text", text_mlm_inputs(batch))["text"], batch, tp_group)
 
 
-def image_mim_losses(model: VLMo, batch: dict) -> dict[str, torch.Tensor]:
-    """Masked image modelling (stage 1): image experts only; pixel or visual-token targets by the model's config."""
-    mask = batch["patch_mask"]
-    hidden = model.encode_image(batch["image"], patch_mask=mask).hidden
-    predictions = model.mim_logits(hidden)
+def mim_inputs(batch: dict) -> PassInputs:
+    """The image-only pass of a masked-image batch."""
+    return PassInputs(images=batch["image"], patch_mask=batch["patch_mask"])
+
+
+def mim_terms(model: VLMo, image: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+    """MIM over the image pass's final stream [B, 1+P, D]: {"loss", "mim"} (+ "mim_acc" with visual tokens);
+    pixel or visual-token targets by the model's config."""
+    mask, predictions = batch["patch_mask"], model.mim_logits(image)
     if model.cfg.mim_targets == "tokens":
         loss, metric = mim_loss(predictions, mask, token_ids=batch["vtok"])
         return {"loss": loss, "mim": loss, "mim_acc": metric}
-    loss, metric = mim_loss(predictions, mask, images=batch["image"], patch=model.cfg.patch_size)
+    loss, _ = mim_loss(predictions, mask, images=batch["image"], patch=model.cfg.patch_size)
     return {"loss": loss, "mim": loss}
+
+
+def image_mim_losses(model: VLMo, batch: dict) -> dict[str, torch.Tensor]:
+    """Masked image modelling (stage 1): image experts only."""
+    return mim_terms(model, model.encode("image", mim_inputs(batch))["image"], batch)

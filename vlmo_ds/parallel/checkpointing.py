@@ -18,9 +18,9 @@ from torch.utils.checkpoint import checkpoint
 from vlmo_ds.model.block import Block
 
 
-def _checkpointed_forward(block: Block, x: torch.Tensor, bias: torch.Tensor | None, mode: str,
-                          text_len: int = 0) -> torch.Tensor:
-    return checkpoint(type(block).forward, block, x, bias, mode, text_len, use_reentrant=False)
+def _checkpointed_forward(block: Block, *args, **kwargs) -> torch.Tensor:
+    # The block builds its attention bias inside this region (vlmo_ds.model.attention): only its input is kept.
+    return checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
 
 
 def set_activation_checkpointing(module: nn.Module, every: int = 1) -> list[int]:

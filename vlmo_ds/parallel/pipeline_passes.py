@@ -35,7 +35,7 @@ def count_block_calls(module: nn.Module) -> Iterator[Counter]:
     calls: Counter = Counter()
 
     def hook(block: nn.Module, args: tuple, kwargs: dict) -> None:
-        calls[args[2] if len(args) > 2 else kwargs["mode"]] += 1
+        calls[args[1] if len(args) > 1 else kwargs["mode"]] += 1
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in module.modules() if isinstance(m, Block)]
     try:

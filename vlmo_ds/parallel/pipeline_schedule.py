@@ -21,7 +21,8 @@ from megatron.core import ModelParallelConfig, parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from vlmo_ds.parallel.pipeline_stage import PassInputs, PipelineStage
+from vlmo_ds.model.vlmo import PassInputs
+from vlmo_ds.parallel.pipeline_stage import PipelineStage, stage_pass
 
 
 @dataclass
@@ -75,7 +76,7 @@ def run_pass(stage: PipelineStage, kind: str, inputs: Sequence[PassInputs], loss
 
     def forward_step(micro: Iterator[int], _model: _ScheduleModel):
         m = next(micro)
-        out = stage(kind, inputs[m], model.input_tensor)
+        out = stage(stage_pass, kind, inputs[m], model.input_tensor)
 
         def loss(output: dict):
             # A fresh tensor: the schedule divides it in place by the number of micro-batches.

@@ -1,11 +1,15 @@
-"""The pre-training losses of a pipeline-parallel VLMo: the same numbers as vlmo_ds.objectives.pretrain on one
-process, computed by stages (vlmo_ds.parallel.pipeline_stage) under megatron-core's 1F1B schedule.
+"""The pre-training steps of a pipeline-parallel VLMo: the same numbers as vlmo_ds.objectives.pretrain on one
+process, computed by stages (vlmo_ds.parallel.pipeline_stage) under megatron-core's 1F1B schedule. The passes are the
+model's (stage_pass runs VLMo's pass code over the stage's blocks) and the losses are pretrain's terms, called on the
+last stage with its final streams; this module only orders the passes and moves results between stages.
 
 The image-text step and its data dependency. ITM's hard negatives are drawn from the ITC similarities, which exist
 only on the last stage, and the fused ITM pass starts on the first stage. The step therefore runs two schedules:
     phase 1  the unimodal pass (image and text streams, with the VL path) of every micro-batch, forward AND backward
              of the ITC loss, 1F1B across the stages; on the last stage each micro-batch's ITC similarities give its
              negatives (sample_hard_negatives), which are broadcast to every stage (2 x B ints per micro-batch);
+             each stage fetches what it needs of them from its data-parallel group (objectives.negatives: the
+             first stage the images and texts it embeds, the others the texts' key masks);
     phase 2  one fused pass of every micro-batch ([masked text, image] for MLM; positive, negative-image and
              negative-text pairs for ITM), forward and backward of weight_mlm * MLM + weight_itm * ITM.
 The negatives are drawn without gradient, so the total loss's gradient is the sum of the two phases' gradients and
@@ -29,20 +33,19 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core import parallel_state
 
-from vlmo_ds.objectives.itc import contrastive_accuracy, contrastive_loss
-from vlmo_ds.objectives.itm import itm_labels, itm_loss, sample_hard_negatives
-from vlmo_ds.objectives.mim import mim_loss
-from vlmo_ds.objectives.mlm import masked_lm_loss
-from vlmo_ds.objectives.pretrain import LossWeights
-from vlmo_ds.parallel.collectives import all_gather_nograd
+from vlmo_ds.objectives.itm import sample_hard_negatives
+from vlmo_ds.objectives.pretrain import (LossWeights, contrastive_terms, fused_inputs, fused_terms, mim_inputs,
+                                         mim_terms, text_mlm_inputs, text_mlm_terms, unimodal_inputs,
+                                         weighted_total)
 from vlmo_ds.parallel.pipeline_schedule import broadcast_from_last_stage, run_pass
-from vlmo_ds.parallel.pipeline_stage import PassInputs, PipelineStage
+from vlmo_ds.parallel.pipeline_stage import PipelineStage
 
 
 @dataclass
 class PipelineStepOutput:
-    metrics: dict[str, float]
-    """Losses and accuracies (image_text_losses' keys), the mean over micro-batches; equal on every stage."""
+    metrics: dict[str, torch.Tensor]
+    """Losses and accuracies (image_text_losses' keys) as 0-dim device tensors, the mean over micro-batches; equal on
+    every stage."""
     negatives: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     """Per micro-batch: global indices [B] of a negative image for each text and a negative text for each image."""
 
@@ -57,13 +60,19 @@ def _groups(dp_group, tp_group):
     return dp_group, parallel_state.get_tensor_model_parallel_group() if tp_group is None else tp_group
 
 
-def _metrics(stage: PipelineStage, per_micro: list[dict[str, torch.Tensor]], keys: list[str]) -> dict[str, float]:
-    """The last stage's per-micro-batch values, averaged, on every stage (keys known everywhere)."""
-    values = torch.zeros(len(per_micro), len(keys), dtype=torch.float64, device=_device(stage))
-    for m, found in enumerate(per_micro):
-        for k, key in enumerate(keys):
-            values[m, k] = float(found[key]) if key in found else 0.0
-    return dict(zip(keys, broadcast_from_last_stage(values).mean(0).tolist()))
+def _metrics(stage: PipelineStage, per_micro: list[dict[str, torch.Tensor]],
+             keys: list[str]) -> dict[str, torch.Tensor]:
+    """The last stage's per-micro-batch values, averaged, on every stage (keys known everywhere): 0-dim device
+    tensors, so that the step never waits for the device (the caller reduces them once per log interval)."""
+    zero = torch.zeros((), dtype=torch.float64, device=_device(stage))
+    values = torch.stack([torch.stack([found[key].detach().reshape(()).to(zero) if key in found else zero
+                                       for key in keys]) for found in per_micro])  # [micro, keys]; 0 off the last
+    mean = broadcast_from_last_stage(values).mean(0).float()
+    return {key: mean[k] for k, key in enumerate(keys)}
+
+
+def _detached(found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach() for key, value in found.items()}
 
 
 def image_text_step(stage: PipelineStage, micro_batches: Sequence[dict], weights: LossWeights,
@@ -86,81 +95,36 @@ def image_text_step(stage: PipelineStage, micro_batches: Sequence[dict], weights
     if weights.itc or weights.itm:
         keys += ["itc", "itc_i2t_acc", "itc_t2i_acc", "logit_scale"]
 
-        def itc(m: int, out: dict) -> torch.Tensor:
-            image, image_vl = stage.itc_image(out["image"], out["image_vl"])
-            text, text_vl = stage.itc_text(out["text"], out["text_vl"])
-            plain = contrastive_loss(image, text, stage.logit_scale, dp_group, itc_local_rows)
-            vl = contrastive_loss(image_vl, text_vl, stage.logit_vl_scale, dp_group, itc_local_rows)
-            loss = (plain.loss + vl.loss) / 2
-            results[m]["itc"] = loss.detach()
-            results[m]["itc_i2t_acc"], results[m]["itc_t2i_acc"] = contrastive_accuracy(plain)
-            results[m]["logit_scale"] = stage.logit_scale.detach().exp()
+        def itc(m: int, streams: dict) -> torch.Tensor:
+            found, plain = contrastive_terms(stage, streams, dp_group, itc_local_rows)
+            results[m] |= _detached(found)
             if weights.itm:
                 at = sum(sizes[:m])
                 drawn[:, at : at + sizes[m]] = torch.stack(sample_hard_negatives(plain, seeds[m], sizes[m], dp_group))
-            return weights.itc * loss
+            return weighted_total(found, weights, ("itc",))
 
-        inputs = [PassInputs(text_mask=mb["text_mask"], text_ids=mb["text_ids"], images=mb["image"])
-                  for mb in micro_batches]
-        run_pass(stage, "unimodal", inputs, itc, forward_only=not weights.itc)
+        run_pass(stage, "unimodal", [unimodal_inputs(mb) for mb in micro_batches], itc,
+                 forward_only=not weights.itc)
 
     negatives = []
     if weights.itm:
         drawn = broadcast_from_last_stage(drawn)
         negatives = [tuple(part) for part in zip(*(row.split(sizes) for row in drawn))]
-    if weights.mlm:
-        keys += ["mlm", "mlm_acc"]
-    if weights.itm:
-        keys += ["itm", "itm_acc"]
+    keys += (["mlm", "mlm_acc"] if weights.mlm else []) + (["itm", "itm_acc"] if weights.itm else [])
     if weights.mlm or weights.itm:
-        inputs = [_fused_inputs(stage, mb, weights, negatives[m] if weights.itm else None, dp_group)
+        inputs = [fused_inputs(mb, weights, negatives[m] if weights.itm else None, dp_group, embeds=stage.is_first)
                   for m, mb in enumerate(micro_batches)]
 
-        def fused(m: int, out: dict) -> torch.Tensor:
-            hidden, b = out["fused"], sizes[m]
-            total = hidden.new_zeros(())
-            if weights.mlm:
-                t = micro_batches[m]["text_ids"].shape[1]
-                mlm, results[m]["mlm_acc"] = masked_lm_loss(hidden[:b, :t], micro_batches[m]["mlm_labels"],
-                                                            stage.mlm_logits, tp_group)
-                results[m]["mlm"] = mlm.detach()
-                total = total + weights.mlm * mlm
-                hidden = hidden[b:]
-            if weights.itm:
-                itm, results[m]["itm_acc"] = itm_loss(stage.itm_logits(hidden), itm_labels(b, hidden.device))
-                results[m]["itm"] = itm.detach()
-                total = total + weights.itm * itm
-            return total
+        def fused(m: int, streams: dict) -> torch.Tensor:
+            found = fused_terms(stage, streams["fused"], micro_batches[m], weights, tp_group)
+            results[m] |= _detached(found)
+            return weighted_total(found, weights, ("mlm", "itm"))
 
         run_pass(stage, "fused", inputs, fused)
     for found in results:  # the one-process total, summed in its order
         if found:
-            total = torch.zeros((), device=_device(stage))
-            for name in ("itc", "mlm", "itm"):
-                if name in found:
-                    total = total + getattr(weights, name) * found[name]
-            found["loss"] = total
+            found["loss"] = weighted_total(found, weights)
     return PipelineStepOutput(_metrics(stage, results, keys + ["loss"]), negatives)
-
-
-def _fused_inputs(stage: PipelineStage, mb: dict, weights: LossWeights, negatives, dp_group) -> PassInputs:
-    """The fused batch of image_text_losses: [MLM ; positive ; negative image ; negative text] pairs. Every stage
-    builds the text mask (its attention bias); only the first stage gathers images and ids from the DP group."""
-    first = stage.is_first
-    image, ids, mask = mb["image"], mb["text_ids"], mb["text_mask"]
-    parts = [(mb["mlm_ids"] if first else None, mask, image if first else None)] if weights.mlm else []
-    if negatives is not None:
-        neg_image, neg_text = negatives
-        all_mask = all_gather_nograd(mask, dp_group)
-        all_ids = all_gather_nograd(ids, dp_group) if first else None
-        all_images = all_gather_nograd(image, dp_group) if first else None
-        parts += [(ids, mask, image), (ids, mask, all_images[neg_image] if first else None),
-                  (all_ids[neg_text] if first else None, all_mask[neg_text], image)]
-    columns = list(zip(*parts))
-    mask = torch.cat(columns[1])
-    if not first:
-        return PassInputs(text_mask=mask)
-    return PassInputs(text_mask=mask, text_ids=torch.cat(columns[0]), images=torch.cat(columns[2]))
 
 
 def text_mlm_step(stage: PipelineStage, micro_batches: Sequence[dict], *, tp_group=None) -> PipelineStepOutput:
@@ -168,32 +132,24 @@ def text_mlm_step(stage: PipelineStage, micro_batches: Sequence[dict], *, tp_gro
     _, tp_group = _groups(None, tp_group)
     results: list[dict[str, torch.Tensor]] = [{} for _ in micro_batches]
 
-    def mlm(m: int, out: dict) -> torch.Tensor:
-        loss, results[m]["mlm_acc"] = masked_lm_loss(out["text"], micro_batches[m]["mlm_labels"],
-                                                     stage.mlm_logits, tp_group)
-        results[m]["mlm"] = results[m]["loss"] = loss.detach()
-        return loss
+    def mlm(m: int, streams: dict) -> torch.Tensor:
+        found = text_mlm_terms(stage, streams["text"], micro_batches[m], tp_group)
+        results[m] = _detached(found)
+        return found["loss"]
 
-    inputs = [PassInputs(text_mask=mb["text_mask"], text_ids=mb["mlm_ids"]) for mb in micro_batches]
-    run_pass(stage, "text", inputs, mlm)
+    run_pass(stage, "text", [text_mlm_inputs(mb) for mb in micro_batches], mlm)
     return PipelineStepOutput(_metrics(stage, results, ["loss", "mlm", "mlm_acc"]))
 
 
 def image_mim_step(stage: PipelineStage, micro_batches: Sequence[dict]) -> PipelineStepOutput:
     """Masked image modelling (image_mim_losses per micro-batch)."""
     results: list[dict[str, torch.Tensor]] = [{} for _ in micro_batches]
+
+    def mim(m: int, streams: dict) -> torch.Tensor:
+        found = mim_terms(stage, streams["image"], micro_batches[m])
+        results[m] = _detached(found)
+        return found["loss"]
+
+    run_pass(stage, "image", [mim_inputs(mb) for mb in micro_batches], mim)
     tokens = stage.cfg.mim_targets == "tokens"
-
-    def mim(m: int, out: dict) -> torch.Tensor:
-        mb = micro_batches[m]
-        predictions = stage.mim_logits(out["image"])
-        if tokens:
-            loss, results[m]["mim_acc"] = mim_loss(predictions, mb["patch_mask"], token_ids=mb["vtok"])
-        else:
-            loss, _ = mim_loss(predictions, mb["patch_mask"], images=mb["image"], patch=stage.cfg.patch_size)
-        results[m]["mim"] = results[m]["loss"] = loss.detach()
-        return loss
-
-    inputs = [PassInputs(images=mb["image"], patch_mask=mb["patch_mask"]) for mb in micro_batches]
-    run_pass(stage, "image", inputs, mim)
     return PipelineStepOutput(_metrics(stage, results, ["loss", "mim"] + (["mim_acc"] if tokens else [])))

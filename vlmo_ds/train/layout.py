@@ -194,10 +194,11 @@ def describe(where: Placement, module: nn.Module) -> str:
 
 
 def pipeline_step(engine, stage, micro_batches: list[dict], seeds: list[int], where: Placement,
-                  itc_local_rows: bool) -> dict[str, float]:
+                  itc_local_rows: bool) -> dict[str, torch.Tensor]:
     """Forward and backward of one optimizer step of `stage` (its config) on the engine's pipeline stage: every
     micro-batch, one 1F1B schedule per pass, then the gradients averaged over the data-parallel group, ready for
-    engine.step(). Returns the replica's mean of each loss over the micro-batches, the same on every stage."""
+    engine.step(). Returns the replica's mean of each loss over the micro-batches as 0-dim device tensors, the same
+    on every stage (nothing is copied to the host here)."""
     from vlmo_ds.objectives.pretrain import LossWeights
     from vlmo_ds.parallel.pipeline_deepspeed import reduce_stage_gradients
     from vlmo_ds.parallel.pipeline_step import image_mim_step, image_text_step, text_mlm_step
