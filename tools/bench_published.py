@@ -134,13 +134,24 @@ def agreement(ours, theirs, batch: dict, pub_batch: dict) -> str:
             f"MLM {a['mlm'].item():.5f} vs {pub_mlm.item():.5f}")
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
 def profile(step, rows: int) -> str:
+    """The top `rows` ops of one step by self CPU time, and that time split into GEMMs, attention kernels, the rest."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    ops = prof.key_averages()
+    split = {"GEMM": 0.0, "attention kernels": 0.0, "everything else": 0.0}
+    for op in ops:
+        kind = ("GEMM" if op.key in GEMM_OPS else "attention kernels" if "scaled_dot_product" in op.key
+                else "everything else")
+        split[kind] += op.self_cpu_time_total / 1e6
+    summary = ", ".join(f"{kind} {seconds:.2f} s" for kind, seconds in split.items())
+    return f"{ops.table(sort_by='self_cpu_time_total', row_limit=rows)}\nself CPU time: {summary}"
 
 
 def report(samples: dict[str, list[Sample]], flops: dict[str, int], gemm: float, batch: int, threads: int) -> None:
