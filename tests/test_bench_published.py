@@ -63,6 +63,7 @@ def test_missing_dependency_names_the_install_command(tmp_path):
 
 @pytest.mark.parametrize("args, message", [(["--batch", "1"], "--batch must be at least 2"),
                                            (["--repeats", "0"], "--repeats must be at least 1"),
+                                           (["--warmup", "0"], "--warmup must be at least 1"),
                                            (["--preset", "tiny"], "invalid choice: 'tiny'")])
 def test_argument_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -139,10 +140,27 @@ def test_report_ratio_and_figures(capsys):
     sample = bench.Sample
     samples = {"vlmo_ds": [sample(20.0, 40.0, 4.0, 2**30), sample(25.0, 40.0, 4.0, 2**30), sample(19.0, 38.0, 0.0, 0)],
                "published": [sample(22.0, 44.0, 0.0, 0), sample(23.0, 46.0, 0.0, 0), sample(21.0, 42.0, 0.0, 0)]}
-    bench.report(samples, {"vlmo_ds": 400e9, "published": 404e9}, gemm=40e9, batch=4, threads=2)
+    bench.report(samples, {"vlmo_ds": 400e9, "published": 404e9}, {"vlmo_ds": 396e9, "published": 404e9}, gemm=40e9,
+                 batch=4, threads=2)
     ours, theirs, ratio = capsys.readouterr().out.splitlines()
-    assert ours.startswith("vlmo_ds    samples/s 0.200 0.160 0.211 | 100.0 GFLOP per pair | 20.0 GFLOP/s = 50% of")
+    assert ours.startswith("vlmo_ds    samples/s 0.200 0.160 0.211 | 100.0 GFLOP per pair (99.0 analytic) | "
+                           "20.0 GFLOP/s = 50% of")
     assert "CPU busy 80%-100% of 2 threads, 7% in the kernel, 0.7 GiB of fresh pages per step" in ours
     assert "published  samples/s 0.182 0.174 0.190 | 101.0 GFLOP per pair" in theirs
     assert ratio == ("speed vlmo_ds / published: 1.100x (per repetition 1.100 0.920 1.105); "
                      "per FLOP of each one's own work 1.111x")
+
+
+def test_counted_flops_of_the_cpu_attention_kernel_equal_the_unfused_count():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
+
+    def step():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    with sdpa_kernel(SDPBackend.MATH):
+        unfused = bench.counted(step)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        fused = bench.counted(step)
+    assert fused == unfused == 3 * 2 * 2 * (2 * 3 * 17 * 17 * 8)  # fwd + 2x bwd of two [17, 8] x [8, 17] products

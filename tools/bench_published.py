@@ -1,20 +1,23 @@
 #!/usr/bin/env python
 """vlmo_ds beside the published VLMo implementation: the image-text pre-training step, side by side, one process.
 
-Both models hold the same weights (ours, exported with vlmo_ds.model.published.export_published and loaded into the
-published model) and take the same random batch (images at the preset's size, text at its length, 15% of the tokens
-masked for MLM). Each step is the forward and backward pass of ITC on both paths (the modality experts and the VL
-experts), ITM with hard negatives (3B fused pairs), MLM (B fused pairs): vlmo_ds through
+The same work: both models hold the same weights (ours, exported by vlmo_ds.model.published.export_published and
+loaded into the published model) and take the same random batch (images at the preset's size, text at its length,
+15% of the tokens masked). A step is the forward and backward pass of ITC on both paths (modality experts, VL
+experts), ITM with hard negatives (3B fused pairs) and MLM (B fused pairs), no optimizer step: vlmo_ds through
 vlmo_ds.objectives.pretrain.image_text_losses, the published code through its own LightningModule.training_step with
-its "itc", "itm" and "mlm" tasks. No optimizer step. After a warm-up step of each, the timed steps are interleaved
-(ours, published, ours, published, ...) so that both see the same machine. Printed per implementation: samples/s of
-every repetition, the FLOPs per pair it computes (vlmo_ds.model.flops; the published MLM head scores every text
-position, ours the masked ones), the achieved FLOP/s and its ratio to a dense GEMM measured in this process, and how
-busy the step kept the CPU (process CPU time over wall time and threads: well below 100% means something else ran on
-the machine meanwhile; rerun on a quiet one), the kernel's share of it and the fresh memory pages a step touched (what
-the allocator took from the operating system and gave back: zeroing them is kernel time, a cost of large
-activations); then the speed ratio vlmo_ds / published (medians of the repetitions). Before timing, both compute
-ITC and MLM in eval mode on that batch: equal losses show that the two run the same model on the same input.
+its "itc", "itm" and "mlm" tasks. Before timing, both compute ITC and MLM in eval mode: equal losses show the same
+model on the same input. After a warm-up step of each, the timed steps are interleaved (ours, published, ours, ...).
+
+Printed per implementation:
+- samples/s of every repetition;
+- GFLOP per pair, counted by torch's FlopCounterMode during the first warm-up step (model FLOPs: a fused attention
+  kernel's backward recomputation is not counted), beside vlmo_ds.model.flops' analytic count of its passes;
+- the achieved FLOP/s and its ratio to a dense fp32 GEMM measured in this process;
+- how busy the step kept the CPU (process CPU time over wall time and threads: well below 100% means something else
+  ran meanwhile; rerun on a quiet machine), the kernel's share, and the fresh memory pages a step touched (what the
+  allocator took from the operating system and gave back: zeroing them is kernel time, a cost of large activations);
+then the speed ratio vlmo_ds / published (medians of the repetitions), also per FLOP of each one's own work.
 
 The published code comes from a checkout outside this repository; nothing of it is copied here (tools/published_vlmo.py
 says how it is run: a gloo group of one process, a timm stand-in, get_device on CPU). To set it up once:
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -71,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="pairs per step (default: 4)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps of each, interleaved (default: 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps of each first, interleaved (default: 1)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps of each first, interleaved; the first one counts the FLOPs (default: 1)")
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the square fp32 GEMM baseline (default: 2048)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one more step of each and print its N top ops by self CPU time")
@@ -81,8 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("threads", "repeats", "gemm_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        p.error("--warmup must be 0 or more")
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (the first warm-up step counts the FLOPs)")
     if args.profile < 0:
         p.error("--profile must be 0 (off) or a number of ops")
     return args
@@ -154,14 +159,36 @@ def profile(step, rows: int) -> str:
     return f"{ops.table(sort_by='self_cpu_time_total', row_limit=rows)}\nself CPU time: {summary}"
 
 
-def report(samples: dict[str, list[Sample]], flops: dict[str, int], gemm: float, batch: int, threads: int) -> None:
+def _attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return 2 * sdpa_flop_count(query, key, value)  # twice the forward, as the unfused (math) backward counts
+
+
+# torch's counter knows the CUDA attention kernels; these are the CPU ones SDPA may pick
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward}
+
+
+def counted(step) -> int:
+    """The FLOPs a step computes, counted by torch while it runs."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def report(samples: dict[str, list[Sample]], flops: dict[str, int], analytic: dict[str, int], gemm: float,
+           batch: int, threads: int) -> None:
     """One line per implementation, then the speed ratio (medians of the repetitions)."""
     median = {name: statistics.median(s.seconds for s in rows) for name, rows in samples.items()}
     for name, rows in samples.items():
         achieved = flops[name] / median[name]
         busy = [s.cpu / (s.seconds * threads) for s in rows]
         print(f"{name:<10} samples/s {' '.join(f'{batch / s.seconds:.3f}' for s in rows)} | "
-              f"{flops[name] / batch / 1e9:.1f} GFLOP per pair | {achieved / 1e9:.1f} GFLOP/s = "
+              f"{flops[name] / batch / 1e9:.1f} GFLOP per pair ({analytic[name] / batch / 1e9:.1f} analytic) | "
+              f"{achieved / 1e9:.1f} GFLOP/s = "
               f"{achieved / gemm:.0%} of the GEMM rate | CPU busy {min(busy):.0%}-{max(busy):.0%} of {threads} "
               f"threads, {statistics.mean(s.system / s.cpu for s in rows):.0%} in the kernel, "
               f"{statistics.mean(s.fresh_bytes for s in rows) / 2**30:.1f} GiB of fresh pages per step")
@@ -199,22 +226,27 @@ def main(argv=None) -> int:
     steps = {"vlmo_ds": (ours, ours_step), "published": (theirs, theirs_step)}
     samples: dict[str, list[Sample]] = {name: [] for name in steps}
     gemm_before = gemm_rate(args.gemm_size, torch.device("cpu"), torch.float32)
+    flops: dict[str, int] = {}
     for rep in range(args.warmup + args.repeats):  # interleaved; the warm-up steps are not reported
         for name, (model, step) in steps.items():
             model.zero_grad(set_to_none=True)
-            sample = timed(step)
-            if rep >= args.warmup:
-                samples[name].append(sample)
+            if rep == 0:
+                flops[name] = counted(step)
+            elif rep < args.warmup:
+                step()
+            else:
+                samples[name].append(timed(step))
     # the machine's ceiling: a busy moment can only slow a measurement down
     gemm = max(gemm_before, gemm_rate(args.gemm_size, torch.device("cpu"), torch.float32))
-    flops = {"vlmo_ds": image_text_step_flops(cfg, args.batch), "published": published_step_flops(cfg, args.batch)}
+    analytic = {"vlmo_ds": image_text_step_flops(cfg, args.batch),
+                "published": published_step_flops(cfg, args.batch)}
     print(f"{args.preset}: fp32, {torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} interleaved "
           f"repetitions after {args.warmup} warm-up step(s) each; torch {torch.__version__}; "
           f"published code {args.published}")
     print(f"same weights, same batch (eval mode, vlmo_ds vs published): {same}")
     print(f"fp32 GEMM {args.gemm_size}^3 in this process: {gemm / 1e9:.1f} GFLOP/s (the faster of two measurements, "
           "before and after the steps)")
-    report(samples, flops, gemm, args.batch, args.threads)
+    report(samples, flops, analytic, gemm, args.batch, args.threads)
     if args.profile:
         for name, (model, step) in steps.items():
             model.zero_grad(set_to_none=True)
