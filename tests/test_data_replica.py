@@ -25,17 +25,17 @@ def noisy_transform(image, rng: np.random.Generator) -> torch.Tensor:
     return pixels + torch.from_numpy(rng.standard_normal(pixels.shape).astype(np.float32))
 
 
-def make_loader(folder, batches_per_epoch=None, num_workers=0):
+def make_loader(folder, batches_per_epoch=None, num_workers=0, **options):
     return pipelines.image_text_loader(folder, TOK, noisy_transform, batch_size=4, text_len=6, num_workers=num_workers,
                                        seed=3, open_shards=2, batch_hook=TextMasking.for_tokenizer(TOK),
-                                       batches_per_epoch=batches_per_epoch)
+                                       batches_per_epoch=batches_per_epoch, **options)
 
 
 def take(batches, n: int) -> list[dict]:
     return [next(batches) for _ in range(n)]
 
 
-def replica_rank(rank: int, world: int, folder: str) -> dict:
+def replica_rank(rank: int, world: int, folder: str, bad: str) -> dict:
     """One rank of a TP=2 replica: 3 batches, a checkpoint, 2 more; a resumed loader from that checkpoint; an
     epoch-long loader. Decodes are counted by wrapping the pipelines' image decoder."""
     decodes = []
@@ -52,8 +52,14 @@ def replica_rank(rank: int, world: int, folder: str) -> dict:
     resumed.load_state_dict(state)
     again = take(iter(resumed), 2)
     epoch = list(replica_loader(partial(make_loader, folder, 2), group, cpu, **WORKERS))
-    return {"batches": first + rest, "again": again, "state": state, "epoch": epoch, "decodes": len(decodes),
-            "reads": isinstance(loader, ReplicaLoader) and loader.loader is not None, "skipped": loader.skipped}
+    decoded = len(decodes)
+    try:  # every sample bad: the reading rank's loader gives up, and the receiving rank hears why
+        next(iter(replica_loader(partial(make_loader, bad, max_consecutive_skips=3), group, cpu, **WORKERS)))
+    except RuntimeError as err:
+        failed = str(err)
+    return {"failed": failed, "batches": first + rest, "again": again, "state": state, "epoch": epoch,
+            "decodes": decoded, "reads": isinstance(loader, ReplicaLoader) and loader.loader is not None,
+            "skipped": loader.skipped}
 
 
 def assert_same_batches(got: list[dict], want: list[dict]) -> None:
@@ -71,7 +77,9 @@ def test_a_tensor_parallel_replica_decodes_each_sample_once(tmp_path):
     samples = [{"__key__": f"{i:04d}", "png": image_bytes(np.full((4, 6, 3), i, np.uint8)), "txt": f"photo {i} of"
                 f" a thing{i % 3}", "json": {"id": i}} for i in range(13)]
     write_shards(tmp_path, samples, per_shard=4)
-    reader, receiver = run_ranks(replica_rank, 2, str(tmp_path))
+    write_shards(tmp_path / "bad", [{"__key__": f"{i:04d}", "png": b"not an image", "txt": "x"} for i in range(4)],
+                 per_shard=4)
+    reader, receiver = run_ranks(replica_rank, 2, str(tmp_path), str(tmp_path / "bad"))
     assert reader["reads"] and not receiver["reads"]
     assert reader["decodes"] == (3 + 2 + 2 + 2) * 4 and receiver["decodes"] == 0  # every decode on the reading rank
     for key in ("batches", "again", "epoch"):
@@ -79,6 +87,8 @@ def test_a_tensor_parallel_replica_decodes_each_sample_once(tmp_path):
     assert receiver["state"] == reader["state"] and receiver["skipped"] == reader["skipped"] == {}
     assert_same_batches(reader["again"], reader["batches"][3:])  # either rank's saved state resumes exactly
     assert len(reader["epoch"]) == 2  # a finite loader's end reaches the receiving rank too
+    assert "in a row were unusable" in reader["failed"]
+    assert receiver["failed"].startswith("the loader of this replica's reading rank 0 failed: RuntimeError: ")
     # the replica sees exactly the batches one process's loader gives: broadcasting changes nothing
     alone = iter(make_loader(tmp_path))
     assert_same_batches(reader["batches"], take(alone, 5))

@@ -9,8 +9,8 @@ How (see vlmo_ds.data.stream for the stream side):
 - Every batch carries (b, its stream, that stream's state after the batch). The loader records it when the batch
   is handed to the trainer, not when a worker made it, so prefetched batches never leak into the state.
 - Each ``iter()`` starts workers afresh from the recorded state; epoch ends and resumes take the same path.
-Data-parallel rank and size are passed in (never read from the environment): tensor-parallel ranks of one replica
-pass the same dp_rank and so get the same batches.
+Data-parallel rank and size are passed in (never read from the environment). The tensor- and pipeline-parallel ranks
+of one replica share one loader: its reading rank runs it and broadcasts the batches (vlmo_ds.data.replica).
 """
 
 from __future__ import annotations

@@ -106,6 +106,14 @@ class ReplicaLoader:
         return box[0]
 
     def _send(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._send_batches()
+        except Exception as err:  # the receivers would wait for a batch that never comes: they fail with us
+            self._announce({"error": f"{type(err).__name__}: {err}"})
+            raise
+        self._announce(None)  # a finite loader's end (an epoch): the receivers stop too
+
+    def _send_batches(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
             tensors = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
                        if isinstance(v, torch.Tensor)}
@@ -115,13 +123,14 @@ class ReplicaLoader:
             for tensor in tensors.values():
                 dist.broadcast(tensor, src=self.src, group=self.group)
             yield {**batch, **tensors}
-        self._announce(None)  # a finite loader's end (an epoch): the receivers stop too
 
     def _receive(self) -> Iterator[dict[str, Any]]:
         while True:
             header = self._announce(None)
             if header is None:
                 return
+            if "error" in header:
+                raise RuntimeError(f"the loader of this replica's reading rank {self.src} failed: {header['error']}")
             tensors = {}
             for name, shape, dtype in header["tensors"]:
                 tensors[name] = torch.empty(shape, dtype=dtype, device=self.device)
