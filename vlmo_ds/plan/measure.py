@@ -34,10 +34,18 @@ class _LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # An output on an input's storage that was never counted existed before entry (a parameter's transpose, an
+        # in-place add into a gradient made before): no new bytes.
+        before = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if self._counts(t)}
         for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.device.type == self.device_type and leaf.layout == torch.strided:
-                self._see(leaf.untyped_storage())
+            if self._counts(leaf):
+                storage = leaf.untyped_storage()
+                if storage._cdata in self.sizes or storage._cdata not in before:
+                    self._see(storage)
         return out
+
+    def _counts(self, x) -> bool:
+        return isinstance(x, torch.Tensor) and x.device.type == self.device_type and x.layout == torch.strided
 
     def _see(self, storage: torch.UntypedStorage) -> None:
         key, size = storage._cdata, storage.nbytes()
