@@ -30,7 +30,7 @@ says how it is run: a gloo group of one process, a timm stand-in, get_device on 
     python tools/bench_published.py --published /opt/unilm/vlmo --site /opt/vlmo-site
     python tools/bench_published.py --published /opt/unilm/vlmo --site /opt/vlmo-site --profile 15   # where time goes
 
-Defaults: preset base, fp32, 2 threads, batch 4, 3 repetitions (about 3 minutes for base on 2 cores).
+Defaults: preset base, fp32, 2 threads, batch 4, 3 repetitions (about 4 minutes for base on 2 cores; --profile adds 1).
 """
 from __future__ import annotations
 
