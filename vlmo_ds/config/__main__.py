@@ -13,6 +13,7 @@ import yaml
 from vlmo_ds.config.errors import main_errors
 from vlmo_ds.config.load import load_config, shipped_recipes, to_dict
 from vlmo_ds.config.plan import stage_plan
+from vlmo_ds.plan.startup import fit_warning
 
 
 @main_errors
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.recipe, args.overrides, world_size=args.world_size)
     dp = args.world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
     out = sys.stdout
+    if warning := fit_warning(cfg, args.world_size):  # the capacity planner, on a GPU it knows (not on CPUs)
+        sys.stderr.write(warning + "\n")
     out.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     out.write(f"# layout: {args.world_size} ranks = tensor {cfg.parallel.tensor} x pipeline {cfg.parallel.pipeline} "
               f"x data {dp}, ZeRO stage {cfg.parallel.zero_stage} over the {dp} data-parallel ranks, "

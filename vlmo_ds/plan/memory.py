@@ -134,9 +134,10 @@ def activation_bytes(cfg: ModelConfig, batch: int, tp: int, pp: int, checkpointi
 
 
 def head_bytes(cfg: ModelConfig, batch: int, tp: int, act: int) -> float:
-    """The MLM logits and their gradient at the masked positions (fp32 for the loss) and the embedding outputs."""
-    masked = int(0.15 * batch * cfg.max_text_len) + batch
-    logits = 2 * masked * cfg.vocab_size * 4 / tp
+    """The MLM head over every text position (vlmo_ds.objectives.mlm): the loss's fp32 log-probabilities [B*T, V]
+    kept, and two tensors of that size at the start of backward (their gradient, the logits'); the embeddings'
+    outputs of the image, text and fused passes."""
+    logits = 3 * batch * cfg.max_text_len * cfg.vocab_size * 4 / tp
     embeddings = 2 * 5 * batch * (cfg.image_len + cfg.max_text_len) * cfg.dim * act
     return logits + embeddings
 

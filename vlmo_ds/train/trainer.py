@@ -14,6 +14,7 @@ import torch.distributed as dist
 from vlmo_ds.config import RunConfig, model_config
 from vlmo_ds.data.tokenizer import load_tokenizer
 from vlmo_ds.parallel.launch import DistEnv
+from vlmo_ds.plan.startup import fit_warning
 from vlmo_ds.train import checkpoint, layout
 from vlmo_ds.train.preemption import Stop, StopSignals, agree_to_stop
 from vlmo_ds.train.schedule import clear_stale, plan_run, start_weights
@@ -55,6 +56,8 @@ def train(cfg: RunConfig, env: DistEnv, signals: StopSignals | None = None) -> R
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     if env.rank == 0:
         checkpoint.remove_partial(ctx.run_dir)
+        if warning := fit_warning(cfg, env.world_size):  # the capacity planner, on a GPU it knows
+            log.warning(warning)
         if run.finished:
             log.info("finished stages in %s: %s", ctx.run_dir, ", ".join(run.finished))
         if run.first == run.stop:
