@@ -180,7 +180,7 @@ def estimate(cfg: ModelConfig, lay: Layout, machine: Machine, precision: str = "
     if lay.accumulation == 1 and zero < 2:
         backward.gradients = 0
     backward.activations = activation_bytes(cfg, lay.micro_batch, lay.tensor, lay.pipeline, lay.checkpointing, act,
-                                            machine.attention_kernel)
+                                            machine.attention_kernel, lay.accumulation)
     backward.attention_bias = attention_bias_bytes(cfg, lay.micro_batch, lay.tensor, act, machine.attention_kernel)
     memory.optimizer += 2 * parameter_split(cfg).largest * 4 / lay.tensor
     memory = max(backward, memory, key=lambda m: m.total)

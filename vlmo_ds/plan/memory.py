@@ -12,7 +12,7 @@ against MemoryMeter): per token of a block call, without checkpointing,
 With checkpointing a block keeps its input (D per token), and backward holds one block's recomputation at a time;
 both add backward's working set, the gradients of one block call ((D + F) per token of the largest call).
 The passes of a micro-batch (ITC's image, text and their VL copies, the fused pass over 4B pairs) are summed:
-they all live until backward. Under PP a stage keeps up to PP micro-batches in flight (1F1B's warm-up).
+they all live until backward. Under PP the first stage keeps min(PP, micro-batches) in flight (1F1B's warm-up).
 
 Attention bias: the relative-position index [N, N] (int64) and key mask every pass shares, and on the sdpa kernel
 the additive mask a block builds ([B, H, N, N] once broadcast with padding; alive for the call).
@@ -117,7 +117,7 @@ def block_kept(cfg: ModelConfig, rows: int, seq: int, tp: int, act: int, kernel:
 
 
 def activation_bytes(cfg: ModelConfig, batch: int, tp: int, pp: int, checkpointing: bool, act: int,
-                     kernel: str) -> float:
+                     kernel: str, accumulation: int = 1) -> float:
     """Activations of the most loaded pipeline stage at the start of backward (module docstring)."""
     calls = stream_calls(cfg, batch, cfg.max_text_len)
     share = max(len(r) for r in split_blocks(cfg.depth, pp)) / cfg.depth  # the largest stage's share of a pass
@@ -129,7 +129,7 @@ def activation_bytes(cfg: ModelConfig, batch: int, tp: int, pp: int, checkpointi
     else:
         kept = sum(n * block_kept(cfg, rows, seq, tp, act, kernel) for n, rows, seq in calls)
         working = gradients
-    in_flight = min(pp, 2) if pp > 1 else 1  # 1F1B keeps up to pp micro-batches on stage 0, fewer later: a mean
+    in_flight = min(pp, accumulation)  # 1F1B's first stage runs pp forwards before its first backward
     return kept * share * in_flight + working + head_bytes(cfg, batch, tp, act)
 
 

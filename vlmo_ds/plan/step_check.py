@@ -85,7 +85,8 @@ def measure_step(cfg: ModelConfig, batch: int, device: torch.device | str = "cpu
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vlmo_ds.plan.gpus import GPUS
+    from vlmo_ds.model.attention import kernel_for
+    from vlmo_ds.plan.gpus import GPUS, cpu_machine
     from vlmo_ds.plan.layouts import single_process_estimate
 
     p = argparse.ArgumentParser(prog="python -m vlmo_ds.plan.step_check", description=__doc__.split("\n\n")[0])
@@ -107,26 +108,23 @@ def main(argv: list[str] | None = None) -> None:
         batch = int(args.batch)
     predicted = single_process_estimate(cfg, gpu, precision, args.checkpointing, batch)
     got = measure_step(cfg, batch, args.device, args.dtype, args.checkpointing, args.steps, args.warmup)
-    peak_rate = gpu.flops[precision] if args.device.startswith("cuda") else None
+    on_gpu = args.device.startswith("cuda")
+    # memory is predicted for the machine it is measured on (CPUs: SDPA's math kernel, no reserve); rates for --gpu
+    memory = predicted.memory if on_gpu else single_process_estimate(
+        cfg, cpu_machine(1.0, 1.0, 0.0, 2**40), precision, args.checkpointing, batch).memory
+    kernel = kernel_for(torch.device(args.device).type)
     rows = [("preset / batch", f"{args.preset} / {batch} pairs, {args.dtype}, checkpointing "
                                f"{'on' if args.checkpointing else 'off'}, {args.device}"),
-            ("attention kernel", attention_kernel()),
+            ("attention kernel", f"{kernel.name} (sequences padded to a multiple of {kernel.multiple})"),
             ("samples/s", f"{batch / got.seconds:.2f} measured, {batch / predicted.step_seconds:.2f} predicted "
-                          f"({gpu.name})"),
-            ("MFU", f"{got.flops / got.seconds / peak_rate:.1%} measured, {predicted.mfu:.1%} predicted"
-             if peak_rate else f"- (CPU), {predicted.mfu:.1%} predicted on {gpu.name}"),
-            ("peak memory", f"{got.peak_bytes / 2**30:.2f} GiB measured, {predicted.memory.total / 2**30:.2f} GiB "
-                            f"predicted (tensors; +{predicted.memory.reserve / 2**30:.1f} GiB framework reserve)")]
+                          f"on {gpu.name}"),
+            ("MFU", f"{got.flops / got.seconds / gpu.flops[precision]:.1%} measured, {predicted.mfu:.1%} predicted"
+             if on_gpu else f"- (CPU), {predicted.mfu:.1%} predicted on {gpu.name}"),
+            ("peak memory", f"{got.peak_bytes / 2**30:.2f} GiB measured, "
+                            f"{(memory.total - memory.reserve) / 2**30:.2f} GiB predicted (tensors)")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-
-
-def attention_kernel() -> str:
-    """The attention kernel the model logs it uses, where it says (vlmo_ds.model), else torch's SDPA."""
-    from vlmo_ds.model import block
-
-    return getattr(block, "ATTENTION_KERNEL", "scaled_dot_product_attention")
 
 
 if __name__ == "__main__":
