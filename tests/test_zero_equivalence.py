@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO 0-3 on 2 gloo ranks give the same losses and final weights as one plain-torch process (fp32),
-with the same AdamW groups, learning-rate schedule and gradient clipping."""
+with the same AdamW groups, learning-rate schedule and gradient clipping, and the communication settings the trainer
+derives (gradients reduced to their owners, ZeRO-3 keeping gathered parameters for the step)."""
 import pytest
 import torch
 
@@ -53,10 +54,12 @@ def reference():
 def zero_rank(rank, world, stage):
     import deepspeed
 
+    from vlmo_ds.config.zero_settings import with_zero_settings, zero_settings
     from vlmo_ds.train.engine import build_engine, set_lr
     ds = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
           "train_batch_size": BATCH, "gradient_clipping": CLIP, "zero_optimization": {"stage": stage},
           "steps_per_print": 10**9}
+    ds = with_zero_settings(ds, zero_settings(CFG, stage, precision="fp32"))  # as deepspeed_config() runs it
     engine = build_engine(model(), ds, PEAK_LR, (0.9, 0.98), 1e-8, 0.01)
     losses = []
     for step, batch in enumerate(batches()):

@@ -159,16 +159,20 @@ def is_layout_run(args: argparse.Namespace) -> bool:
 
 
 def base_ds_config(args: argparse.Namespace) -> dict:
-    """The DeepSpeed JSON with the stage, precision, clipping and --zero settings of this benchmark."""
+    """The DeepSpeed JSON with the stage, precision, clipping and --zero settings of this benchmark, and the
+    preset's derived settings where neither sets a key (as deepspeed_config() does for a run)."""
     from vlmo_ds.config.ds_json import json_zero_stage, read_ds_json, resolve_path
+    from vlmo_ds.config.zero_settings import with_zero_settings, zero_settings
 
     path = args.ds_config or f"ds_configs/zero{args.zero_stage or 0}_{args.dtype}.json"
     tree = read_ds_json(resolve_path(path, "--ds-config"), "--ds-config")
     zero = dict(tree.get("zero_optimization", {}))
     zero["stage"] = json_zero_stage(tree) if args.zero_stage is None else args.zero_stage
     zero.update(zero_setting(item) for item in args.zero)
-    return {**tree, "zero_optimization": zero, "gradient_clipping": 1.0,
+    tree = {**tree, "zero_optimization": zero, "gradient_clipping": 1.0,
             "bf16": {**tree.get("bf16", {}), "enabled": args.dtype == "bf16"}}
+    derived = zero_settings(preset(args.preset), zero["stage"], args.tensor * args.pipeline, args.dtype)
+    return with_zero_settings(tree, derived)
 
 
 def layout_ds_config(args: argparse.Namespace, dp: int) -> dict:
@@ -283,7 +287,8 @@ def measure_layout(args: argparse.Namespace, env: DistEnv) -> dict | None:
     from vlmo_ds.train.engine import build_engine, compute_dtype
     from vlmo_ds.train.stages import loss_function
     from vlmo_ds.parallel.pipeline_stage import split_blocks
-    from vlmo_ds.train.step import device_of, to_device
+    from vlmo_ds.parallel.device import device_of
+    from vlmo_ds.train.step import to_device
 
     cfg = preset(args.preset)
     zero_stage = base_ds_config(args)["zero_optimization"]["stage"]
@@ -324,11 +329,13 @@ def measure_layout(args: argparse.Namespace, env: DistEnv) -> dict | None:
     params = sum(getattr(p, "ds_numel", p.numel()) for p in trained)
     persistent = sum(p.ds_numel for p in trained if getattr(p, "ds_persist", False)) if zero_stage == 3 else 0
     element = trained[0].element_size()
+    grad_element = engine.communication_data_type.itemsize  # gradients are reduced in this type (fp32 under bf16)
     starts = [blocks.start for blocks in split_blocks(cfg.depth, lay.pipeline)[1:]]
     shapes = [ImageTextShape(args.batch, cfg.max_text_len, cfg.image_len, cfg.dim, cfg.depth, cfg.vlffn_start,
                              int((b["mlm_labels"] != -100).sum()), element) for b in raw]
     mine = {"counter": counter, "block_calls": sum(calls.values()), "params": params, "persistent": persistent,
-            "zero": zero_minimum(zero_stage, lay.data, params, element, persistent, args.accumulation),
+            "zero": zero_minimum(zero_stage, lay.data, params, element, persistent, args.accumulation, grad_element),
+            "grad_element": grad_element,
             "tensor": sum(tensor_parallel_all_reduce(s, lay.tensor, lay.pipeline)["per_rank"] for s in shapes),
             "pipeline": sum(pipeline_p2p(s, starts)["per_rank"] for s in shapes), "seconds": seconds}
     everyone = [None] * env.world_size
@@ -339,10 +346,12 @@ def measure_layout(args: argparse.Namespace, env: DistEnv) -> dict | None:
                "dtype": args.dtype, "backend": dist.get_backend(), "device": str(device),
                "cpu_pipeline": args.cpu_pipeline,
                "overlap_comm": bool(ds_config["zero_optimization"].get("overlap_comm", False))}
-    return summarise(args, everyone, lay_row, element)
+    return summarise(args, everyone, lay_row, element, {key: ds_config["zero_optimization"].get(key) for key in (
+        "reduce_bucket_size", "use_multi_rank_bucket_allreduce", "stage3_prefetch_bucket_size",
+        "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_param_persistence_threshold")})
 
 
-def summarise(args: argparse.Namespace, everyone: list[dict], lay: dict, element: int) -> dict:
+def summarise(args: argparse.Namespace, everyone: list[dict], lay: dict, element: int, zero_keys: dict) -> dict:
     """The figures per training step, as the mean over the ranks' measurements (`everyone`, in rank order)."""
     cfg = preset(args.preset)
 
@@ -370,7 +379,8 @@ def summarise(args: argparse.Namespace, everyone: list[dict], lay: dict, element
     return {
         "layout": lay,
         "model": {"preset": args.preset, "trainable_parameters": mean("params"), "zero3_persistent": mean("persistent"),
-                  "bytes_per_parameter": element},
+                  "bytes_per_parameter": element, "bytes_per_gradient": everyone[0]["grad_element"]},
+        "zero_settings": {key: value for key, value in zero_keys.items() if value is not None},
         "batch": {"per_rank": args.batch, "accumulation": args.accumulation, "steps": args.steps,
                   "warmup": args.warmup},
         "step_seconds": max(r["seconds"] for r in everyone),
@@ -392,7 +402,9 @@ def print_layout(r: dict) -> None:
     print_rows([("layout", f"TP {lay['tensor']} x PP {lay['pipeline']} x DP {lay['data']}, ZeRO-{lay['zero_stage']}, "
                            f"{lay['dtype']}, {lay['backend']} on {lay['device']}{test_mode}{overlap}"),
                 ("model", f"{model['preset']}: {model['trainable_parameters']:,.0f} trainable parameters per rank "
-                          f"(mean) x {model['bytes_per_parameter']} B{kept}"),
+                          f"(mean) x {model['bytes_per_parameter']} B, gradients reduced in "
+                          f"{model['bytes_per_gradient']} B{kept}"),
+                ("ZeRO settings", ", ".join(f"{k}={v}" for k, v in r["zero_settings"].items()) or "-"),
                 ("batch", f"{batch['per_rank']} pairs per data-parallel rank x {batch['accumulation']} micro-batches; "
                           f"{batch['steps']} measured steps after {batch['warmup']} warm-up"),
                 ("step time", f"{r['step_seconds']:.3f} s"),

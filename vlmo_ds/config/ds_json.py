@@ -6,6 +6,8 @@ gradient_accumulation_steps, train_batch_size (from train / the stage and the da
 gradient_clipping (optim.grad_clip, always written: DeepSpeed's own default is 1.0), zero_optimization.stage
 (parallel.zero_stage) and bf16.enabled (precision). A JSON that sets a recipe-owned field, an optimizer or a
 scheduler (vlmo_ds passes a torch AdamW and its own schedule) is refused, so no number lives in two places.
+Communication settings that depend on the model (ZeRO bucket sizes, ZeRO-3 prefetch and reuse, gradient data types:
+vlmo_ds.config.zero_settings) are derived from the stage's model and layout wherever the JSON leaves them unset.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmo_ds.config.errors import ConfigError, MissingFileError
-from vlmo_ds.config.plan import stage_plan
+from vlmo_ds.config.plan import model_config, stage_plan, vocab_stand_in
 from vlmo_ds.config.schema import RunConfig
+from vlmo_ds.config.zero_settings import with_zero_settings, zero_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIGS = REPO_ROOT / "ds_configs"
@@ -68,7 +71,7 @@ def read_ds_json(path: str | Path, key: str = "deepspeed") -> dict[str, Any]:
     if (tree.get("fp16") or {}).get("enabled"):
         raise ConfigError(f"{key}: {path} enables fp16, which vlmo_ds does not support (no loss scaling); "
                           "use a *_bf16.json or *_fp32.json config")
-    for section in ("zero_optimization", "bf16"):
+    for section in ("zero_optimization", "bf16", "data_types"):
         if not isinstance(tree.get(section, {}), dict):
             raise ConfigError(f"{key}: {path}: '{section}' must be a JSON object")
     enabled = tree.get("bf16", {}).get("enabled", False)
@@ -94,10 +97,14 @@ def deepspeed_config(cfg: RunConfig, dp_size: int, stage: int | str = 0) -> dict
     """The dict for deepspeed.initialize(config=...): cfg.deepspeed's JSON plus the recipe-owned fields of `stage`.
 
     dp_size is the number of data-parallel ranks (world size / (tensor x pipeline)); each stage may have its own
-    batch sizes, so the trainer asks once per stage.
+    batch sizes, so the trainer asks once per stage. Keys the JSON leaves unset get zero_settings() of the stage's
+    model (with vocab_size "auto", a stand-in vocabulary: the sizes are heuristics, not exact counts).
     """
     plan = stage_plan(cfg, stage, dp_size)
-    out = copy.deepcopy(read_ds_json(cfg.deepspeed))
+    par = cfg.parallel
+    derived = zero_settings(model_config(cfg, vocab_stand_in(cfg), stage=stage), par.zero_stage,
+                            par.tensor * par.pipeline, cfg.precision)
+    out = with_zero_settings(copy.deepcopy(read_ds_json(cfg.deepspeed)), derived)
     out["train_micro_batch_size_per_gpu"] = plan.micro_batch
     out["gradient_accumulation_steps"] = plan.accumulation
     out["train_batch_size"] = plan.global_batch

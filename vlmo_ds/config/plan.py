@@ -46,6 +46,11 @@ def model_value(cfg: RunConfig, name: str) -> Any:
     return getattr(PRESETS[cfg.model.preset], name)
 
 
+def vocab_stand_in(cfg: RunConfig) -> int | None:
+    """A vocabulary size for vocab_size "auto" before the tokenizer exists (divisible by any valid tensor size)."""
+    return 1024 * cfg.parallel.tensor if model_value(cfg, "vocab_size") == "auto" else None
+
+
 def _model_error(err: ValueError, keys: dict[str, str]) -> ConfigError:
     """ModelConfig's own ValueError as a ConfigError led by the recipe keys it names (model.dim, stages.0.text_len)."""
     named = [keys.get(name, f"model.{name}") for name in re.findall(r"\b([a-z_]+)=", str(err))]

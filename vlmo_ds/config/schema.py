@@ -80,6 +80,9 @@ class ParallelSection:
     """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
     itc_local_rows: bool = False
     """ITC: each rank builds only its own rows of the global logits ([B, N], not [N, N]: B/N of the memory)."""
+    compile_blocks: bool = False
+    """torch.compile each MoME block (fused elementwise kernels; compiling costs a minute or more at start-up);
+    with ZeRO 0-2 and parallel.tensor=1."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,8 @@ from typing import Any
 
 from vlmo_ds.config.errors import ConfigError, MissingFileError, did_you_mean
 from vlmo_ds.config.groups import expand, present_groups
-from vlmo_ds.config.plan import accumulation, model_config, model_value, start_stage, warmup_steps
+from vlmo_ds.config.plan import (accumulation, model_config, model_value, start_stage, vocab_stand_in,
+                                 warmup_steps)
 from vlmo_ds.config.schema import (
     LOSS_KEYS,
     MIM_TARGETS,
@@ -47,12 +48,7 @@ def _check_model(cfg: RunConfig) -> None:
                           f"presets: {', '.join(PRESETS)}")
     if model_value(cfg, "vocab_size") != "auto":
         _positive(model_value(cfg, "vocab_size"), "model.vocab_size")
-    model_config(cfg, _vocab_stand_in(cfg))
-
-
-def _vocab_stand_in(cfg: RunConfig) -> int | None:
-    """A vocabulary size for vocab_size "auto" before the tokenizer exists (divisible by any valid tensor size)."""
-    return 1024 * cfg.parallel.tensor if model_value(cfg, "vocab_size") == "auto" else None
+    model_config(cfg, vocab_stand_in(cfg))
 
 
 def _offloads(zero: dict[str, Any], section: str) -> bool:
@@ -68,11 +64,16 @@ def _check_parallel(cfg: RunConfig, ds: dict[str, Any], world_size: int | None) 
     if par.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {par.zero_stage}")
     ranks = world_size if world_size is not None else par.tensor * par.pipeline
-    model_cfg = model_config(cfg, _vocab_stand_in(cfg))
+    model_cfg = model_config(cfg, vocab_stand_in(cfg))
     try:
         check_layout(ranks, par.tensor, par.pipeline, par.zero_stage, model_cfg, grad_clip=cfg.optim.grad_clip)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if par.compile_blocks and (par.zero_stage == 3 or par.tensor > 1):
+        raise ConfigError(f"parallel.compile_blocks: compiled blocks run with ZeRO 0-2 and parallel.tensor=1 (ZeRO-3 "
+                          "gathers parameters and tensor parallelism all-reduces activations inside every block); set "
+                          f"parallel.compile_blocks=false (got parallel.zero_stage={par.zero_stage}, "
+                          f"parallel.tensor={par.tensor})")
     zero = ds.get("zero_optimization", {})
     if _offloads(zero, "offload_param") and par.zero_stage != 3:
         raise ConfigError(f"parallel.zero_stage: {cfg.deepspeed} offloads parameters, which needs ZeRO 3; "
@@ -174,13 +175,13 @@ def _check_stage(cfg: RunConfig, index: int, stage: StageConfig, world_size: int
     _positive(stage.image_size, f"{key}.image_size")
     _positive(stage.text_len, f"{key}.text_len")
     _check_mim(cfg, index, stage)
-    model_cfg = model_config(cfg, _vocab_stand_in(cfg), stage=index)
+    model_cfg = model_config(cfg, vocab_stand_in(cfg), stage=index)
     if stage.trainable != "all":
         _check_groups_present(key, stage, model_cfg)
     _check_task(cfg, index, stage)
     before = start_stage(cfg, index)
     if before is not None:
-        _check_transition(index, before, model_config(cfg, _vocab_stand_in(cfg), stage=before), model_cfg)
+        _check_transition(index, before, model_config(cfg, vocab_stand_in(cfg), stage=before), model_cfg)
 
 
 def _check_task(cfg: RunConfig, index: int, stage: StageConfig) -> None:

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from vlmo_ds.data.formats.vqa2 import VOCAB_FILE
@@ -37,6 +36,7 @@ from vlmo_ds.data.tokenizer import load_tokenizer
 from vlmo_ds.eval.export import DTYPES, export_embeddings
 from vlmo_ds.eval.tables import task_table
 from vlmo_ds.eval.weights import eval_model
+from vlmo_ds.parallel.device import device_of
 from vlmo_ds.parallel.launch import discover, init_distributed
 from vlmo_ds.tasks.answers import load_answer_vocab
 from vlmo_ds.tasks.heads import head_answers
@@ -94,8 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = discover()
     if env.world_size > 1:
         init_distributed(env, use_deepspeed=False)
-    device = torch.device("cuda", env.local_rank % torch.cuda.device_count()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    device = device_of(env)
     task = "retrieval" if args.task == "export-embeddings" else args.task
     model = eval_model(args.weights, task, args.image_size, args.preset)
     cfg = model.cfg if args.text_len is None else model.cfg.replace(max_text_len=args.text_len)

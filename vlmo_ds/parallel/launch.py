@@ -77,19 +77,20 @@ def init_distributed(env: DistEnv, backend: str | None = None, use_deepspeed: bo
                      timeout_minutes: float = 30) -> None:
     """Start torch.distributed's default process group for env; nothing happens if it is already running.
 
-    backend defaults to nccl when CUDA is available, else gloo. With CUDA, the process first selects GPU
-    local_rank (modulo the visible count: Slurm's per-task GPU binding shows each task one device, number 0).
+    backend defaults to nccl when CUDA is available, else gloo. With CUDA, the process first selects its GPU
+    (vlmo_ds.parallel.device.device_of: local_rank, or the one GPU per-task binding shows).
     """
     import torch
     import torch.distributed as dist
+
+    from vlmo_ds.parallel.device import device_of
 
     if dist.is_initialized():
         return
     export(env)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    device_of(env)
     timeout = timedelta(minutes=timeout_minutes)
     logger.info("starting torch.distributed (%s%s): %s", backend, ", DeepSpeed" if use_deepspeed else "",
                 describe(env))

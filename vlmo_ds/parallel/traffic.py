@@ -30,19 +30,24 @@ clone of the world), else "other". A group given as None is the default (world) 
 
 Least traffic of a ZeRO stage per training step, per rank, for a data-parallel group of N ranks, f = (N-1)/N, and
 Psi = P * B (P trainable parameters of this rank, B bytes each: under TP x PP a rank holds its tensor shard of its
-stage, about 1/(TP x PP) of the model plus the replicated norms and heads), A micro-batches per step:
-    stage 0    gradient all-reduce once per step                           2 f Psi
-    stage 1    gradient reduce-scatter once per step + parameter all-gather    f Psi +     f Psi
-    stage 2    gradient reduce-scatter per micro-batch + parameter all-gather A f Psi +     f Psi
-    stage 3    gradient reduce-scatter per micro-batch                      A f Psi_3
+stage, about 1/(TP x PP) of the model plus the replicated norms and heads), Psi_g = P * B_g with B_g the bytes of a
+gradient as it is reduced (DeepSpeed's communication_data_type: fp32 for vlmo_ds's bf16 runs, B_g = 4 > B = 2),
+A micro-batches per step:
+    stage 0    gradient all-reduce once per step                           2 f Psi_g
+    stage 1    gradient reduce-scatter once per step + parameter all-gather    f Psi_g +     f Psi
+    stage 2    gradient reduce-scatter per micro-batch + parameter all-gather A f Psi_g +     f Psi
+    stage 3    gradient reduce-scatter per micro-batch                      A f Psi_g
                + parameter all-gather, forward and backward, per micro-batch             2 A f Psi_3
                where Psi_3 = (P - Pp) * B; the Pp "persistent" parameters (stage3_param_persistence_threshold) stay
-               whole on every rank and cost as in stage 2: A f Pp B + f Pp B
+               whole on every rank and are gathered once after the step: f Pp B
+A reduce to each partition's owner (DeepSpeed's use_multi_rank_bucket_allreduce=false, vlmo_ds's setting) moves the
+reduce-scatter's bytes: N reduces of S/N bytes, (N-1)/N x S/N each.
 A single forward pass per micro-batch, and a release after each use, are assumed. vlmo_ds's image-text step runs
 several passes through the shared blocks (vlmo_ds.parallel.pipeline_passes), and ZeRO-3 gathers a parameter again for
 each use it released it after. DeepSpeed keeps a gathered parameter while its next use is within
-stage3_max_reuse_distance elements: when that exceeds the model (ds_configs/zero3_*.json: 1e9), every partitioned
-parameter is gathered once per micro-batch, half the all-gather above.
+stage3_max_reuse_distance elements: when that covers the step's trace (vlmo_ds.config.zero_settings, for a model
+whose gathered parameters fit its budget), every partitioned parameter is gathered once per micro-batch, half the
+all-gather above ("kept for the step": A f Psi_3 + f Pp B).
 
 The image-text step's activation traffic, per micro-batch (ImageTextShape): B pairs, text length T, image length
 I = 1 + patches, width D, depth L, VL experts from block S, F = 4B fused rows (B masked-text rows for MLM, then the
@@ -319,12 +324,12 @@ def count_collectives(groups: Mapping[str, Any] | None = None) -> Iterator[Traff
 
 
 def zero_minimum(stage: int, dp_size: int, params: float, bytes_per_param: int, persistent: float = 0,
-                 accumulation: int = 1) -> dict[str, float]:
+                 accumulation: int = 1, bytes_per_grad: int | None = None) -> dict[str, float]:
     """The least bytes per rank per training step of ZeRO `stage` (formulas in the module docstring).
 
     {"gradient_reduction": all-reduce (stage 0) or reduce-scatter (1-3) of the gradients, "parameter_all_gather":
     the all-gathers of the parameters}. params: this rank's trainable parameters; persistent: how many of them
-    ZeRO-3 keeps whole on every rank (ds_persist).
+    ZeRO-3 keeps whole on every rank (ds_persist); bytes_per_grad: B_g, the reduced gradient's bytes (None: B).
     """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
@@ -333,14 +338,15 @@ def zero_minimum(stage: int, dp_size: int, params: float, bytes_per_param: int, 
                          f"{dp_size}, accumulation={accumulation}, persistent={persistent}, params={params}")
     f = (dp_size - 1) / dp_size
     psi = params * bytes_per_param
+    psi_g = params * (bytes_per_param if bytes_per_grad is None else bytes_per_grad)
     if stage == 0:
-        return {"gradient_reduction": 2 * f * psi, "parameter_all_gather": 0.0}
+        return {"gradient_reduction": 2 * f * psi_g, "parameter_all_gather": 0.0}
     if stage == 1:
-        return {"gradient_reduction": f * psi, "parameter_all_gather": f * psi}
+        return {"gradient_reduction": f * psi_g, "parameter_all_gather": f * psi}
     if stage == 2:
-        return {"gradient_reduction": accumulation * f * psi, "parameter_all_gather": f * psi}
+        return {"gradient_reduction": accumulation * f * psi_g, "parameter_all_gather": f * psi}
     partitioned, kept = (params - persistent) * bytes_per_param, persistent * bytes_per_param
-    return {"gradient_reduction": accumulation * f * psi,
+    return {"gradient_reduction": accumulation * f * psi_g,
             "parameter_all_gather": 2 * accumulation * f * partitioned + f * kept}
 
 

@@ -28,6 +28,7 @@ import sys
 import torch.distributed as dist
 
 from vlmo_ds.config import ConfigError, check_files, load_config
+from vlmo_ds.parallel.device import configure_cuda
 from vlmo_ds.parallel.launch import discover, init_distributed
 from vlmo_ds.ckpt.errors import CheckpointError
 from vlmo_ds.parallel.layout_rules import LayoutError
@@ -67,6 +68,7 @@ def _run(argv: list[str] | None, signals: StopSignals) -> int:
 
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
+    configure_cuda(cfg.parallel.tensor, fp32=cfg.precision == "fp32")  # before CUDA starts (init_distributed)
     init_distributed(env)
     try:
         try:

@@ -15,9 +15,18 @@ from vlmo_ds.train.optim import param_groups
 log = logging.getLogger(__name__)
 
 
+def offloads_optimizer(ds_config: dict) -> bool:
+    """Whether the config keeps the optimizer state in CPU memory (or on NVMe): DeepSpeed then steps it on the CPU
+    and refuses a torch optimizer."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, betas: tuple[float, float], eps: float,
                  weight_decay: float, mpu=None, head_lr_mult: float | None = None):
-    """deepspeed.initialize with a torch AdamW (DeepSpeed's own fused Adam would compile a C++ op first).
+    """deepspeed.initialize with a torch AdamW (DeepSpeed's own fused Adam would compile a C++ op first), or with
+    DeepSpeed's CPU Adam (AdamW mode, a C++ op built on first use: about a minute, cached in
+    ~/.cache/torch_extensions) when the config offloads the optimizer.
 
     mpu: vlmo_ds.parallel.mpu.MegatronMPU under tensor / pipeline parallelism (ZeRO partitions and averages over its
     data-parallel group, counts gradient norms over its model-parallel group, names checkpoint files mp_rank_XX by
@@ -27,7 +36,13 @@ def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, betas: tupl
     groups = param_groups(model, weight_decay)
     if head_lr_mult is not None:
         groups = split_head_groups(groups, model, head_lr_mult)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                     adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     return engine
 

@@ -34,6 +34,7 @@ from vlmo_ds.eval.tables import retrieval_table, task_table
 from vlmo_ds.model.published import read_state_dict
 from vlmo_ds.model.vlmo import VLMo
 from vlmo_ds.parallel.checkpointing import set_activation_checkpointing
+from vlmo_ds.parallel.compile import compile_blocks
 from vlmo_ds.parallel.launch import DistEnv, describe
 from vlmo_ds.ckpt.layout import check_resume_model
 from vlmo_ds.tasks.answers import answer_source, answer_vocab_text, stage_answers
@@ -172,6 +173,8 @@ class StageRunner:
         # the recipe's groups, as the checkpoint tools read them (a pipeline stage holds only some of them)
         self._trainable = "all" if self.stage.trainable == "all" else list(self.stage.trainable)
         set_activation_checkpointing(module, 1 if cfg.parallel.activation_checkpointing else 0)
+        if cfg.parallel.compile_blocks:
+            compile_blocks(module)
         if env.rank == 0:
             log.info("%s", layout.describe(where, module))
         self.engine = build_engine(module, ds_config, self.plan.lr, cfg.optim.betas, cfg.optim.eps,

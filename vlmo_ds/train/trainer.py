@@ -19,7 +19,7 @@ from vlmo_ds.train import checkpoint, layout
 from vlmo_ds.train.preemption import Stop, StopSignals, agree_to_stop
 from vlmo_ds.train.schedule import clear_stale, plan_run, start_weights
 from vlmo_ds.train.stage_loop import RunContext, StageOutcome, StageRunner, step_offset
-from vlmo_ds.train.step import device_of
+from vlmo_ds.parallel.device import device_of
 
 log = logging.getLogger(__name__)
 
