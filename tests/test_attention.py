@@ -90,3 +90,22 @@ def test_the_kernel_is_chosen_and_logged_once(caplog):
         assert kernel_for("cpu") is SDPA and kernel_for("cpu") is SDPA
     said = [r.getMessage() for r in caplog.records if r.name == attention.log.name]
     assert said == ["attention kernel on cpu: sdpa (scaled_dot_product_attention, additive mask built per block)"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention trains on CUDA only")
+def test_flex_trains_like_sdpa_on_cuda(monkeypatch):
+    torch.manual_seed(0)
+    net = VLMo(preset("tiny", drop_path_rate=0.0, max_text_len=13)).cuda()
+    with torch.no_grad():
+        net.relative_position_bias_table.normal_(0, 0.5)
+    ids, mask, image = (t.cuda() for t in batch(net.cfg))
+    grads = []
+    for kernel in (attention.SDPA_CUDA, FLEX):
+        with_kernel(monkeypatch, kernel)
+        net.zero_grad()
+        out = net.encode_pair(ids, mask, image)
+        out.square().mean().backward()
+        grads.append((out.detach(), net.relative_position_bias_table.grad.clone(),
+                      net.transformer.blocks[0].attn.qkv.weight.grad.clone()))
+    for flex, sdpa in zip(grads[1], grads[0]):
+        assert torch.allclose(flex, sdpa, atol=1e-4, rtol=1e-3)

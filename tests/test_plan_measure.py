@@ -46,3 +46,13 @@ def test_checkpoint_recomputation_is_seen():
         del loss
     assert 3 * MIB <= m.peak <= 3 * MIB + 16
     assert m.now == MIB
+
+
+def test_storages_made_before_entry_are_not_counted_when_seen():
+    weight, grad = torch.randn(MIB // 4), torch.zeros(MIB // 4)  # a parameter and its gradient, made before
+    with MemoryMeter("cpu") as m:
+        view = weight[: MIB // 8]  # a view of the parameter (a linear's transpose, ...): no new bytes
+        grad.add_(weight)  # accumulation into an existing gradient: no new bytes
+        y = weight * 2  # 1 MiB
+    assert m.peak == m.now == MIB
+    del view, y

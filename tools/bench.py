@@ -2,10 +2,13 @@
 """Benchmark VLMo's image-text pre-training step (forward + backward of ITC, ITM with hard negatives, MLM).
 
 Single process (the default): samples/s, the achieved FLOP/s (counted analytically from the model's shape), its
-ratio to the dense GEMM rate measured in this same process (a machine-independent efficiency figure), peak memory.
+ratio to the dense GEMM rate measured in this same process (a machine-independent efficiency figure), the attention
+kernel, peak memory, and the memory of a training step split into parameters, gradients, AdamW state and
+activations (the step's peak less the other three; vlmo_ds.plan.measure.MemoryMeter, on CPU live tensor bytes).
 
     python tools/bench.py --preset tiny --batch 16
     python tools/bench.py --preset base --batch 2 --steps 2
+    python tools/bench.py --preset base --batch 8 --steps 1 --warmup 0 --activation-checkpointing
     python tools/bench.py --preset large --batch 32 --device cuda --dtype bf16
 
 Layout (--ranks, --tensor, --pipeline or --zero-stage, or started by torchrun / the deepspeed launcher): tensor x
@@ -49,11 +52,14 @@ from vlmo_ds.config.schema import ModelSection, OptimSection, ParallelSection, R
 from vlmo_ds.model.config import PRESETS, preset  # noqa: E402
 from vlmo_ds.model.flops import image_text_step_flops  # noqa: E402
 from vlmo_ds.model.vlmo import VLMo  # noqa: E402
+from vlmo_ds.model.attention import kernel_for  # noqa: E402
 from vlmo_ds.objectives.pretrain import LossWeights, image_text_losses  # noqa: E402
+from vlmo_ds.parallel.checkpointing import set_activation_checkpointing  # noqa: E402
 from vlmo_ds.parallel.env_readers import free_port  # noqa: E402
 from vlmo_ds.parallel.launch import DistEnv, discover, init_distributed, leave_spawned_rank  # noqa: E402
 from vlmo_ds.parallel.layout_rules import check_layout  # noqa: E402
 from vlmo_ds.parallel.pipeline_passes import count_block_calls, image_text_passes  # noqa: E402
+from vlmo_ds.plan.measure import MemoryMeter  # noqa: E402
 from vlmo_ds.parallel.traffic import (ImageTextShape, OpCount, TrafficCounter, count_collectives,  # noqa: E402
                                       pipeline_p2p, tensor_parallel_all_reduce, zero_minimum)
 from vlmo_ds.train.peak import gemm_rate, synchronize  # noqa: E402
@@ -71,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="compute precision (bf16: autocast in one process, DeepSpeed's bf16 in a layout)")
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the square GEMM used as the baseline")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="single process: checkpoint every MoME block (the memory split shows what it saves)")
     layout = p.add_argument_group("layout (tensor x pipeline x data parallel, ZeRO)")
     layout.add_argument("--ranks", type=int, help="spawn this many processes (not under torchrun / deepspeed)")
     layout.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (megatron-core; default: 1)")
@@ -112,15 +120,17 @@ def single_process(args: argparse.Namespace) -> None:
     cfg = preset(args.preset)
     torch.manual_seed(0)
     model = VLMo(cfg).to(device).train()
+    if args.activation_checkpointing:
+        set_activation_checkpointing(model, 1)
     batch = random_batch(cfg, args.batch, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
-    def step(seed: int) -> float:
+    def step(seed: int) -> torch.Tensor:
         model.zero_grad(set_to_none=True)
         with autocast:
             out = image_text_losses(model, batch, LossWeights(), seed)
         out["loss"].backward()
-        return out["loss"].item()
+        return out["loss"].detach()
 
     for i in range(args.warmup):
         step(i)
@@ -135,11 +145,36 @@ def single_process(args: argparse.Namespace) -> None:
     baseline = gemm_rate(args.gemm_size, device, gemm_dtype)
     params = sum(p.numel() for p in model.parameters())
     rows = [("preset", f"{args.preset} ({params / 1e6:.1f}M parameters)"), ("device / dtype", f"{device} / {args.dtype}"),
-            ("batch", args.batch), ("step time", f"{seconds:.3f} s"), ("samples/s", f"{args.batch / seconds:.2f}"),
+            ("batch", args.batch),
+            ("activation checkpointing", "every block" if args.activation_checkpointing else "off"),
+            ("attention kernel", kernel_for(device.type).name),
+            ("step time", f"{seconds:.3f} s"), ("samples/s", f"{args.batch / seconds:.2f}"),
             ("FLOP per step", f"{flops / 1e9:.2f} GFLOP"), ("achieved", f"{flops / seconds / 1e9:.2f} GFLOP/s"),
             (f"{args.dtype} GEMM {args.gemm_size}^3", f"{baseline / 1e9:.2f} GFLOP/s"),
             ("ratio to GEMM", f"{flops / seconds / baseline:.3f}"), ("peak memory", f"{peak_memory_mib(device):.0f} MiB")]
+    split = memory_split(model, step, device)
+    rows += [(f"memory: {key}", f"{value:,} B ({value / 2**20:,.0f} MiB)") for key, value in split.items()]
     print_rows(rows)
+
+
+def memory_split(model: torch.nn.Module, step, device: torch.device) -> dict[str, int]:
+    """Bytes of one training step: parameters, gradients, AdamW state, and activations = the step's peak less those
+    three, measured by vlmo_ds.plan.measure.MemoryMeter (CUDA: the allocator's peak; CPU: live tensor storage).
+    Parameters and optimizer state exist before the measured step (a first step and an optimizer step make them);
+    gradients are made during it (set to None before, as in training), so they are in the meter's peak."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    step(0)
+    optimizer.step()
+    synchronize(device)
+    with MemoryMeter(device) as meter:
+        step(1)
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t))
+    split = {"parameters": parameters, "gradients": gradients, "optimizer state": state,
+             "activations": meter.peak - gradients}
+    return split | {"peak": sum(split.values())}
 
 
 def print_rows(rows: list[tuple[str, object]]) -> None:
@@ -272,6 +307,17 @@ def bench_run_config(args: argparse.Namespace, zero_stage: int) -> RunConfig:
                      optim=OptimSection(grad_clip=1.0), stages=(stage,))
 
 
+def itm_negative_bytes(batch: dict, embeds: bool) -> int:
+    """Bytes of the ITM negatives one rank uses per micro-batch: B images and B texts (ids and key mask) where the
+    rank embeds them (one process, or the first pipeline stage), B key masks on later stages
+    (vlmo_ds.objectives.negatives; its all_to_all moves the rows of these a rank does not hold itself)."""
+    mask = batch["text_mask"]
+    used = mask.numel() * mask.element_size()
+    if embeds:
+        used += sum(batch[key].numel() * batch[key].element_size() for key in ("image", "text_ids"))
+    return used
+
+
 def group_kinds(where) -> dict:
     """The layout's process groups by kind, in order of precedence for copies with the same ranks."""
     if where.mpu is None:
@@ -337,7 +383,8 @@ def measure_layout(args: argparse.Namespace, env: DistEnv) -> dict | None:
             "zero": zero_minimum(zero_stage, lay.data, params, element, persistent, args.accumulation, grad_element),
             "grad_element": grad_element,
             "tensor": sum(tensor_parallel_all_reduce(s, lay.tensor, lay.pipeline)["per_rank"] for s in shapes),
-            "pipeline": sum(pipeline_p2p(s, starts)["per_rank"] for s in shapes), "seconds": seconds}
+            "pipeline": sum(pipeline_p2p(s, starts)["per_rank"] for s in shapes), "seconds": seconds,
+            "itm_exchange": sum(itm_negative_bytes(b, where.pp_rank == 0) for b in micro)}
     everyone = [None] * env.world_size
     dist.all_gather_object(everyone, mine)
     if env.rank != 0:
@@ -372,7 +419,8 @@ def summarise(args: argparse.Namespace, everyone: list[dict], lay: dict, element
             "parameter_all_gather": (traffic.total(("all_gather",), "deepspeed", "data"),
                                      zero["parameter_all_gather"]),
             "tensor_all_reduce": (traffic.total(("all_reduce",), group="tensor"), mean("tensor")),
-            "pipeline_p2p": (traffic.total(("p2p",), group="pipeline"), mean("pipeline"))}
+            "pipeline_p2p": (traffic.total(("p2p",), group="pipeline"), mean("pipeline")),
+            "itm_exchange": (traffic.total(("all_to_all",), group="data"), mean("itm_exchange"))}
     other = traffic.total()
     for count, _ in rows.values():
         other = OpCount(other.calls - count.calls, other.payload - count.payload, other.per_rank - count.per_rank)
@@ -418,6 +466,7 @@ def print_layout(r: dict) -> None:
                               ("parameter_all_gather", "data", "ZeRO parameter all-gather"),
                               ("tensor_all_reduce", "tensor", "activation all-reduces"),
                               ("pipeline_p2p", "pipeline", "point-to-point sends"),
+                              ("itm_exchange", "data", "ITM image exchange"),
                               ("other", "any", "other collectives")):
         if (group == "tensor" and lay["tensor"] == 1) or (group == "pipeline" and lay["pipeline"] == 1):
             continue

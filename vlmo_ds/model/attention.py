@@ -6,7 +6,7 @@ attention turns them and its own H columns of the relative table ([rows, H]) int
 under activation checkpointing nothing of the bias is kept between forward and backward:
     flex  (CUDA, torch's FlexAttention, compiled): the relative bias is a score modification reading
           table[index[q, k], h] (its gradient flows to the table), padding a block mask (fully padded key blocks
-          are skipped); no [B, H, N, N] tensor exists, not even inside the kernel
+          are skipped); no bias tensor is made at all
     sdpa  (elsewhere): torch's scaled_dot_product_attention with one additive mask made inside the block from the
           broadcastable parts, [1, H, N, N] relative + [B, 1, 1, N] padding (0 / -inf); it lives for the block's
           call only (with checkpointing; without it autograd keeps it as the kernel's input)
