@@ -100,9 +100,9 @@ def collective_bytes(cfg: ModelConfig, lay: Layout, precision: str, kept_for_ste
         f = (lay.data - 1) / lay.data
         kept = f * persistent * param_b
         zero["parameter_all_gather"] = (zero["parameter_all_gather"] - kept) / 2 + kept
-    masked = int(0.15 * lay.micro_batch * cfg.max_text_len) + lay.micro_batch
+    # M: the MLM head and its vocabulary-parallel loss run over every text position (vlmo_ds.objectives.mlm)
     shape = ImageTextShape(lay.micro_batch, cfg.max_text_len, cfg.image_len, cfg.dim, cfg.depth, cfg.vlffn_start,
-                           masked, act)
+                           lay.micro_batch * cfg.max_text_len, act)
     starts = [blocks.start for blocks in split_blocks(cfg.depth, lay.pipeline)[1:]]
     return {**zero,
             "tensor_all_reduce": lay.accumulation * tensor_parallel_all_reduce(shape, lay.tensor, lay.pipeline)[

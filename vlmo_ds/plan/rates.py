@@ -46,8 +46,13 @@ def op_overhead(device: torch.device, ops: int = 400, elements: int = 16384) -> 
     return (time.perf_counter() - start) / (2 * ops)
 
 
-def measured_machine(device: torch.device | str = "cpu", gemm_size: int = 2048) -> Machine:
-    """This CPU as a Machine (fp32): the three rates measured now."""
+def measured_machine(device: torch.device | str = "cpu", gemm_size: int = 2048, samples: int = 5) -> Machine:
+    """This CPU as a Machine (fp32): the three rates measured now, each the median of `samples` measurements (the
+    machine is shared: one measurement can catch a neighbour's burst)."""
     device = torch.device(device)
-    gemm = statistics.median(gemm_rate(gemm_size, device, torch.float32) for _ in range(3))  # a shared machine
-    return cpu_machine(gemm, copy_bandwidth(device), op_overhead(device), hbm_bytes=2**40)
+
+    def median(measure) -> float:
+        return statistics.median(measure() for _ in range(samples))
+
+    return cpu_machine(median(lambda: gemm_rate(gemm_size, device, torch.float32)),
+                       median(lambda: copy_bandwidth(device)), median(lambda: op_overhead(device)), hbm_bytes=2**40)
