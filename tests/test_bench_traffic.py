@@ -15,7 +15,7 @@ data-parallel ranks, Psi = 4 B x 1,841,100):
                                           (3.5 forward passes per micro-batch through the shared attention, fewer
                                           through each modality expert), between 1 and the forward-pass count
     TP=2 (2 ranks, ZeRO-0)               tensor-group all-reduces 1.000 x the formula, exactly: 68 calls, 8,507,392 +
-                                          524 M bytes for M masked tokens (traffic.tensor_parallel_all_reduce)
+                                          524 M bytes, M = B T text positions (traffic.tensor_parallel_all_reduce)
     TP=2 x PP=2 (4 ranks, ZeRO-1, CPU test mode)  all-reduces 1.000 x (half of the TP=2 figure: each stage does its
                                           blocks' share); pipeline sends 1.000 x, 496,688 B: [2, 97, 128] unimodal and
                                           [8, 97, 128] fused activations and their gradients over one boundary, plus
@@ -24,7 +24,6 @@ data-parallel ranks, Psi = 4 B x 1,841,100):
                                           of this rank's 986,024 parameters (tiny keeps every one whole: persistent)
     PP=2 + ZeRO-1 (4 ranks, CPU test mode)  sends 1.000 x; gradients 2.000 x as ZeRO-1 above
 """
-import importlib.util
 import json
 import subprocess
 import sys
@@ -278,15 +277,12 @@ def test_zero3_without_reuse_gathers_for_every_pass(tmp_path):
 
 
 def masked_tokens(batch: int) -> int:
-    """M of the bench's data-parallel rank 0 micro-batch (its random_batch, seed 0)."""
-    spec = importlib.util.spec_from_file_location("bench_tool", BENCH)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return int((tool.random_batch(preset("tiny"), batch, torch.device("cpu"))["mlm_labels"] != -100).sum())
+    """M of a tiny micro-batch: the MLM head scores every text position (T = 32)."""
+    return batch * preset("tiny").max_text_len
 
 
 # tiny (D 128, L 4, S 3, T 32, I 65), B 2, F 8, fp32: X = 4 x 2 x 97 + 1 x 2 x 97 + 4 x 8 x 97 = 4074 tokens;
-# 4 X D 4 + (2 + 8) 32 D 4 = 8,507,392 bytes, + M (D 4 + 12) for M masked tokens
+# 4 X D 4 + (2 + 8) 32 D 4 = 8,507,392 bytes, + M (D 4 + 12) for the M text positions the MLM head scores
 def tiny_tensor_bytes(masked: int) -> int:
     return 8_507_392 + 524 * masked
 

@@ -378,7 +378,7 @@ def measure_layout(args: argparse.Namespace, env: DistEnv) -> dict | None:
     grad_element = engine.communication_data_type.itemsize  # gradients are reduced in this type (fp32 under bf16)
     starts = [blocks.start for blocks in split_blocks(cfg.depth, lay.pipeline)[1:]]
     shapes = [ImageTextShape(args.batch, cfg.max_text_len, cfg.image_len, cfg.dim, cfg.depth, cfg.vlffn_start,
-                             int((b["mlm_labels"] != -100).sum()), element) for b in raw]
+                             b["mlm_labels"].numel(), element) for b in raw]  # the MLM head scores every text position
     mine = {"counter": counter, "block_calls": sum(calls.values()), "params": params, "persistent": persistent,
             "zero": zero_minimum(zero_stage, lay.data, params, element, persistent, args.accumulation, grad_element),
             "grad_element": grad_element,

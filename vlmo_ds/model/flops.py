@@ -23,13 +23,17 @@ def patch_embed_flops(cfg: ModelConfig) -> int:
 
 
 def image_text_step_flops(cfg: ModelConfig, batch: int, mlm: bool = True, itm: bool = True,
-                          mlm_ratio: float = 0.15) -> int:
-    """Forward + backward of one image-text pre-training step (ITC both paths, ITM 3B fused, MLM B fused)."""
+                          mlm_ratio: float = 1.0) -> int:
+    """Forward + backward of one image-text pre-training step (ITC both paths, ITM 3B fused, MLM B fused).
+
+    mlm_ratio: the share of text positions the MLM head scores - every one (1.0), since the loss masks unlabelled
+    positions with ignore_index instead of gathering the labelled ones (a gather's size would need a host sync).
+    """
     text, image = cfg.max_text_len, cfg.image_len
     fused_pairs = batch * ((1 if mlm else 0) + (3 if itm else 0))
     forward = batch * (unimodal_flops(cfg, image, True) + unimodal_flops(cfg, text, True))
     forward += fused_pairs * cfg.depth * block_flops(cfg, text + image)
-    if mlm:  # head at the masked positions only
+    if mlm:
         forward += int(batch * text * mlm_ratio) * 2 * (cfg.dim * cfg.dim + cfg.dim * cfg.vocab_size)
     patches = (batch + fused_pairs) * patch_embed_flops(cfg)  # no gradient for the pixels: backward is 1x, not 2x
     return 3 * forward + 2 * patches

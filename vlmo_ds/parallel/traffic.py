@@ -51,7 +51,8 @@ all-gather above ("kept for the step": A f Psi_3 + f Pp B).
 
 The image-text step's activation traffic, per micro-batch (ImageTextShape): B pairs, text length T, image length
 I = 1 + patches, width D, depth L, VL experts from block S, F = 4B fused rows (B masked-text rows for MLM, then the
-positive, negative-image and negative-text pairs for ITM), M masked tokens, e bytes per activation value.
+positive, negative-image and negative-text pairs for ITM), M = B T text positions the MLM head scores (every one:
+the loss masks the unlabelled ones, vlmo_ds.objectives.mlm), e bytes per activation value.
 Block calls: image and text passes through all L blocks plus their VL paths through L - S, and the fused pass:
     X = L B I + L B T + (L - S) B (I + T) + L F (T + I)   tokens through blocks
 Tensor parallel over t ranks: the all-reduces of megatron-core's layers, payload
@@ -367,7 +368,7 @@ class ImageTextShape:
     vlffn_start: int
     """S: the first block with VL experts."""
     masked: int
-    """M: text tokens with an MLM label."""
+    """M: text positions the MLM head scores (B T: every one)."""
     bytes_per_value: int
     """e: bytes of one activation value (4 for fp32, 2 for bf16)."""
 

@@ -118,18 +118,17 @@ def step_flops(stage, model_cfg: ModelConfig, batch: int) -> int:
     """Analytic FLOPs of one optimizer step over `batch` samples (forward + backward = 3x forward; the backward of a
     stage with frozen parameters skips their weight gradients, so its count is an upper bound)."""
     if stage.kind == "retrieval" and stage.loss_weights["itm"]:
-        return image_text_step_flops(model_cfg, batch, mlm=False, itm=True, mlm_ratio=0.0)
+        return image_text_step_flops(model_cfg, batch, mlm=False, itm=True)
     if stage.kind in TASK_KINDS:
         return task_step_flops(stage.kind, model_cfg, batch)
     if stage.kind == "image_text":
         weights = LossWeights(**stage.loss_weights)
-        return image_text_step_flops(model_cfg, batch, mlm=bool(weights.mlm), itm=bool(weights.itm),
-                                     mlm_ratio=stage.mlm_prob)
-    d = model_cfg.dim
+        return image_text_step_flops(model_cfg, batch, mlm=bool(weights.mlm), itm=bool(weights.itm))
+    d = model_cfg.dim  # the MLM and MIM heads score every position (losses mask the unlabelled ones)
     if stage.kind == "text_mlm":
-        head = int(batch * model_cfg.max_text_len * stage.mlm_prob) * 2 * (d * d + d * model_cfg.vocab_size)
+        head = batch * model_cfg.max_text_len * 2 * (d * d + d * model_cfg.vocab_size)
         return 3 * (batch * unimodal_flops(model_cfg, model_cfg.max_text_len, False) + head)
     out = model_cfg.mim_vocab_size if model_cfg.mim_targets == "tokens" else model_cfg.patch_size ** 2 * 3
-    head = int(batch * model_cfg.num_patches * stage.mim_ratio) * 2 * d * out
+    head = batch * model_cfg.num_patches * 2 * d * out
     return 3 * (batch * unimodal_flops(model_cfg, model_cfg.image_len, False) + head) \
         + 2 * batch * patch_embed_flops(model_cfg)

@@ -1,5 +1,5 @@
 """Small pieces of one training step: batches to the device, losses averaged over ranks, the gradient norm. (When to
-stop early is vlmo_ds.train.preemption's.)"""
+stop early is vlmo_ds.train.preemption's; the trainer keeps each step's values on the device, vlmo_ds.train.scalars.)"""
 from __future__ import annotations
 
 import torch
@@ -19,6 +19,8 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each value's mean over all ranks, read on the host at once (a device synchronisation: for one-off reads;
+    the trainer reads once per log interval through vlmo_ds.train.scalars.StepScalars)."""
     names = sorted(values)
     stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
     if dist.is_available() and dist.is_initialized():
@@ -27,9 +29,9 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(names, stacked.tolist()))
 
 
-def grad_norm_before_step(engine, mp_group=None, tp_rank: int = 0) -> float | None:
-    """ZeRO 0 keeps no gradient norm: take it from the (already averaged) gradients before the step clips them.
-    ZeRO 1-3 report theirs after the step (get_global_grad_norm).
+def grad_norm_before_step(engine, mp_group=None, tp_rank: int = 0) -> torch.Tensor | None:
+    """ZeRO 0 keeps no gradient norm: take it from the (already averaged) gradients before the step clips them, as a
+    0-dim device tensor (nothing read on the host). ZeRO 1-3 report theirs after the step (get_global_grad_norm).
 
     Under tensor / pipeline parallelism (mp_group: the replica's TP x PP ranks) every rank must call it: a
     tensor-parallel shard counts on every rank, a replicated tensor on tensor rank 0 only, summed over the group.
@@ -39,7 +41,7 @@ def grad_norm_before_step(engine, mp_group=None, tp_rank: int = 0) -> float | No
     norms = [p.grad.detach().float().norm() for p in engine.module.parameters()
              if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
     if mp_group is None:
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
     square = torch.stack(norms).pow(2).sum() if norms else torch.zeros((), device=engine.device)
     dist.all_reduce(square, group=mp_group)
-    return float(square.sqrt())
+    return square.sqrt()
