@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vlmo_ds.model.block import DropPath  # timm's stochastic depth, the same rule (the published blocks pass p positionally)
 from vlmo_ds.model.config import ModelConfig
 from vlmo_ds.model.flops import image_text_step_flops
 
@@ -54,20 +55,6 @@ def checkout_package(checkout: Path) -> Path:
         f"no published VLMo code under {checkout} (expected vlmo/modules/vlmo_module.py there or in its vlmo/ "
         "folder); check out microsoft/unilm from GitHub (only its vlmo/ folder is needed) outside this repository "
         "and pass that folder")
-
-
-class DropPath(nn.Module):
-    """timm's stochastic depth: each sample's residual branch kept with probability 1 - p, scaled by 1 / (1 - p)."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        return x * x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep) / keep
 
 
 def _timm_standin() -> dict[str, types.ModuleType]:
