@@ -6,8 +6,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from vlmo_ds.objectives.pretrain import LossWeights, image_text_losses
 from vlmo_ds.parallel.env_readers import free_port
 from vlmo_ds.parallel.launch import DistEnv, init_distributed, leave_spawned_rank
 
@@ -33,3 +35,21 @@ def run_ranks(fn, world: int, *args, use_deepspeed: bool = False) -> list:
         mp.start_processes(_worker, args=(world, free_port(), tmp, use_deepspeed, fn, args), nprocs=world,
                            join=True, start_method="spawn")
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def global_mean(value: torch.Tensor) -> float:
+    """A scalar's mean over the ranks of the default group, read on the host (the trainer reads once per log
+    interval instead: vlmo_ds.train.scalars)."""
+    total = value.detach().float().clone()
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
+
+
+def image_text_engine_step(engine, batch: dict, rank: int, world: int, seed: int) -> float:
+    """One image_text_losses micro-step of a DeepSpeed engine on this rank's share of `batch` (split by rank, as
+    data parallelism splits the global batch): the global mean loss."""
+    local = {k: v.chunk(world)[rank] for k, v in batch.items()}
+    out = engine(image_text_losses, local, LossWeights(), seed, None)
+    engine.backward(out["loss"])
+    engine.step()
+    return global_mean(out["loss"])

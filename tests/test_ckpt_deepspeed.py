@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import run_ranks
+from distributed import global_mean, run_ranks
 from vlmo_ds.ckpt import consolidated
 from vlmo_ds.ckpt.cli import main
 from vlmo_ds.ckpt.consolidate import load
@@ -175,8 +175,6 @@ def test_consolidate_equals_what_the_engines_hold_under_every_zero_stage(tmp_pat
 # ---- (b) DP = 2, ZeRO 3 -> one process -------------------------------------------------------------------------------
 def image_text_steps(engine, steps, rank: int, world: int) -> list[float]:
     """Optimizer steps of image_text_losses (gradient accumulation over the micro-batches): global mean losses."""
-    from vlmo_ds.train.step import mean_over_ranks
-
     losses = []
     for step in steps:
         total = 0.0
@@ -185,7 +183,7 @@ def image_text_steps(engine, steps, rank: int, world: int) -> list[float]:
             out = engine(image_text_losses, local, LossWeights(), step * MICRO + m, None)
             engine.backward(out["loss"])
             engine.step()
-            total += mean_over_ranks({"loss": out["loss"]})["loss"] / MICRO
+            total += global_mean(out["loss"]) / MICRO
         losses.append(total)
     return losses
 

@@ -5,7 +5,7 @@ process. The first run compiles the CPU Adam op (about a minute on 2 cores; cach
 import pytest
 import torch
 
-from distributed import run_ranks
+from distributed import image_text_engine_step, run_ranks
 from vlmo_ds.config.ds_json import DS_CONFIGS
 from vlmo_ds.model.config import preset
 from vlmo_ds.model.vlmo import VLMo
@@ -49,13 +49,7 @@ def offload_rank(rank, world):
     engine = build_engine(model(), offload_config(world), LR, (0.9, 0.98), 1e-8, 0.01)
     losses = []
     for step in range(STEPS):
-        local = {k: v.chunk(world)[rank] for k, v in batch(step).items()}
-        out = engine(image_text_losses, local, LossWeights(), step, None)
-        engine.backward(out["loss"])
-        engine.step()
-        loss = out["loss"].detach().clone()
-        torch.distributed.all_reduce(loss)
-        losses.append(loss.item() / world)
+        losses.append(image_text_engine_step(engine, batch(step), rank, world, step))
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     return losses, weights, isinstance(engine.optimizer.optimizer, DeepSpeedCPUAdam)

@@ -4,7 +4,7 @@ derives (gradients reduced to their owners, ZeRO-3 keeping gathered parameters f
 import pytest
 import torch
 
-from distributed import run_ranks
+from distributed import image_text_engine_step, run_ranks
 from vlmo_ds.model.config import preset
 from vlmo_ds.model.vlmo import VLMo
 from vlmo_ds.objectives.pretrain import LossWeights, image_text_losses
@@ -64,13 +64,7 @@ def zero_rank(rank, world, stage):
     losses = []
     for step, batch in enumerate(batches()):
         set_lr(engine, lr_at(step, STEPS, PEAK_LR, WARMUP))
-        local = {k: v.chunk(world)[rank] for k, v in batch.items()}
-        out = engine(image_text_losses, local, LossWeights(), step, None)
-        engine.backward(out["loss"])
-        engine.step()
-        loss = out["loss"].detach().clone()
-        torch.distributed.all_reduce(loss)
-        losses.append(loss.item() / world)
+        losses.append(image_text_engine_step(engine, batch, rank, world, step))
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
         weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     return losses, weights

@@ -17,8 +17,7 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass
-from functools import cached_property
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 

@@ -1,4 +1,4 @@
-"""Small pieces of one training step: batches to the device, losses averaged over ranks, the gradient norm. (When to
+"""Small pieces of one training step: batches to the device, the gradient norm. (When to
 stop early is vlmo_ds.train.preemption's; the trainer keeps each step's values on the device, vlmo_ds.train.scalars.)"""
 from __future__ import annotations
 
@@ -16,17 +16,6 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
                 value = value.to(dtype)
         out[key] = value
     return out
-
-
-def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Each value's mean over all ranks, read on the host at once (a device synchronisation: for one-off reads;
-    the trainer reads once per log interval through vlmo_ds.train.scalars.StepScalars)."""
-    names = sorted(values)
-    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
-    return dict(zip(names, stacked.tolist()))
 
 
 def grad_norm_before_step(engine, mp_group=None, tp_rank: int = 0) -> torch.Tensor | None:
