@@ -60,6 +60,7 @@ from vlmo_ds.parallel.launch import DistEnv, discover, init_distributed, leave_s
 from vlmo_ds.parallel.layout_rules import check_layout  # noqa: E402
 from vlmo_ds.parallel.pipeline_passes import count_block_calls, image_text_passes  # noqa: E402
 from vlmo_ds.plan.measure import MemoryMeter  # noqa: E402
+from vlmo_ds.plan.step_check import random_batch  # noqa: E402
 from vlmo_ds.parallel.traffic import (ImageTextShape, OpCount, TrafficCounter, count_collectives,  # noqa: E402
                                       pipeline_p2p, tensor_parallel_all_reduce, zero_minimum)
 from vlmo_ds.train.peak import gemm_rate, synchronize  # noqa: E402
@@ -94,19 +95,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     layout.add_argument("--accumulation", type=int, default=1, help="micro-batches per training step (default: 1)")
     layout.add_argument("--json", type=Path, help="also write the layout figures to this JSON file")
     return p.parse_args(argv)
-
-
-def random_batch(cfg, batch: int, device: torch.device, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, cfg.vocab_size, (batch, cfg.max_text_len), generator=g)
-    mask = torch.ones_like(ids)
-    labels = torch.full_like(ids, -100)
-    picked = torch.rand(ids.shape, generator=g) < 0.15
-    picked[:, 1] = True
-    labels[picked] = ids[picked]
-    out = {"image": torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g), "text_ids": ids,
-           "text_mask": mask, "mlm_ids": ids.masked_fill(picked, 4), "mlm_labels": labels}
-    return {k: v.to(device) for k, v in out.items()}
 
 
 def peak_memory_mib(device: torch.device) -> float:

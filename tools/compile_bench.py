@@ -17,11 +17,9 @@ from pathlib import Path
 
 import torch
 
-TOOLS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TOOLS))  # tools/bench.py's batch
-sys.path.insert(0, str(TOOLS.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench import random_batch  # noqa: E402
+from vlmo_ds.plan.step_check import random_batch  # noqa: E402
 from vlmo_ds.model.config import PRESETS, preset  # noqa: E402
 from vlmo_ds.model.vlmo import VLMo  # noqa: E402
 from vlmo_ds.objectives.pretrain import LossWeights, image_text_losses  # noqa: E402
