@@ -16,7 +16,7 @@ Printed per implementation:
 - the achieved FLOP/s and its ratio to a dense fp32 GEMM measured in this process;
 - how busy the step kept the CPU (process CPU time over wall time and threads: well below 100% means something else
   ran meanwhile; rerun on a quiet machine), the kernel's share, and the fresh memory pages a step touched (what the
-  allocator took from the operating system and gave back: zeroing them is kernel time, a cost of large activations);
+  allocator took from the operating system: zeroing them is kernel time);
 then the speed ratio vlmo_ds / published (medians of the repetitions), also per FLOP of each one's own work.
 
 The published code comes from a checkout outside this repository; nothing of it is copied here (tools/published_vlmo.py
@@ -29,6 +29,10 @@ says how it is run: a gloo group of one process, a timm stand-in, get_device on 
 
     python tools/bench_published.py --published /opt/unilm/vlmo --site /opt/vlmo-site
     python tools/bench_published.py --published /opt/unilm/vlmo --site /opt/vlmo-site --profile 15   # where time goes
+
+Both run in one process whose freed memory is kept for reuse, as torch's CUDA caching allocator keeps it on GPUs
+(vlmo_ds.plan.host_allocator: glibc otherwise faults every tensor above 32 MiB in afresh, 1-3 GiB per base step
+here, which penalises batched passes on CPUs only); --system-malloc keeps glibc's defaults.
 
 Defaults: preset base, fp32, 2 threads, batch 4, 3 repetitions (about 4 minutes for base on 2 cores; --profile adds 1).
 """
@@ -56,6 +60,7 @@ from vlmo_ds.model.config import preset  # noqa: E402
 from vlmo_ds.model.flops import image_text_step_flops  # noqa: E402
 from vlmo_ds.model.published import export_published  # noqa: E402
 from vlmo_ds.model.vlmo import VLMo  # noqa: E402
+from vlmo_ds.plan.host_allocator import freed_memory_kept  # noqa: E402
 from vlmo_ds.objectives.pretrain import LossWeights, image_text_losses  # noqa: E402
 from vlmo_ds.train.peak import gemm_rate  # noqa: E402
 
@@ -78,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps of each first, interleaved; the first one counts the FLOPs (default: 1)")
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the square fp32 GEMM baseline (default: 2048)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's allocator defaults (fresh pages for every tensor above 32 MiB) instead of keeping "
+                        "freed memory for reuse as on GPUs")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one more step of each and print its N top ops by self CPU time")
     args = p.parse_args(argv)
@@ -201,6 +209,14 @@ def report(samples: dict[str, list[Sample]], flops: dict[str, int], analytic: di
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.system_malloc:
+        return side_by_side(args, kept=False)
+    with freed_memory_kept() as kept:
+        return side_by_side(args, kept)
+
+
+def side_by_side(args: argparse.Namespace, kept: bool) -> int:
+    """Build both models on the same weights and batch, time them interleaved, print the report (and profiles)."""
     cfg = preset(args.preset)
     try:
         cls = import_published(args.published, args.site)
@@ -242,7 +258,8 @@ def main(argv=None) -> int:
                 "published": published_step_flops(cfg, args.batch)}
     print(f"{args.preset}: fp32, {torch.get_num_threads()} threads, batch {args.batch}, {args.repeats} interleaved "
           f"repetitions after {args.warmup} warm-up step(s) each; torch {torch.__version__}; "
-          f"published code {args.published}")
+          f"published code {args.published}; freed memory "
+          f"{'kept for reuse (as on GPUs)' if kept else 'returned to the system (glibc defaults)'}")
     print(f"same weights, same batch (eval mode, vlmo_ds vs published): {same}")
     print(f"fp32 GEMM {args.gemm_size}^3 in this process: {gemm / 1e9:.1f} GFLOP/s (the faster of two measurements, "
           "before and after the steps)")

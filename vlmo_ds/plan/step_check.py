@@ -22,6 +22,7 @@ from vlmo_ds.model.flops import image_text_step_flops
 from vlmo_ds.model.vlmo import VLMo
 from vlmo_ds.objectives.pretrain import LossWeights, image_text_losses
 from vlmo_ds.parallel.checkpointing import set_activation_checkpointing
+from vlmo_ds.plan.host_allocator import freed_memory_kept
 from vlmo_ds.plan.measure import MemoryMeter
 from vlmo_ds.train.peak import synchronize
 
@@ -55,11 +56,12 @@ def measure_step(cfg: ModelConfig, batch: int, device: torch.device | str = "cpu
     """Build the model and AdamW, run `warmup` then `steps` steps on one random batch; time the last `steps`.
 
     track_memory=False on CPU times the step without the meter (its dispatch mode costs time per op); peak_bytes is
-    then 0. On CUDA the meter reads the allocator's statistics and costs nothing."""
+    then 0. On CUDA the meter reads the allocator's statistics and costs nothing. On CPU freed memory is kept for
+    reuse, as torch's CUDA caching allocator keeps it (vlmo_ds.plan.host_allocator)."""
     device = torch.device(device)
     torch.manual_seed(0)
     meter = MemoryMeter(device) if track_memory or device.type == "cuda" else None
-    with meter or contextlib.nullcontext():
+    with freed_memory_kept(), meter or contextlib.nullcontext():
         model = VLMo(cfg).to(device).train()
         set_activation_checkpointing(model, 1 if checkpointing else 0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
