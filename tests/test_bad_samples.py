@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vlmo_ds.data.errors import DataSourceError
 from vlmo_ds.data.pipelines import image_loader, image_text_loader
 from shard_fixtures import WordTokenizer, image_bytes, plain_transform, png_header_only, write_shards
 
@@ -119,7 +120,7 @@ def test_all_bad_data_raises_instead_of_hanging(tmp_path):
     write_shards(tmp_path, [{"__key__": f"{i}", "jpg": b"junk", "txt": "x"} for i in range(3)], per_shard=3)
     loader = image_text_loader(tmp_path, TOK, plain_transform, batch_size=2, text_len=6,
                                max_consecutive_skips=50)
-    with pytest.raises(RuntimeError, match="in a row were unusable"):
+    with pytest.raises(DataSourceError, match="held no usable sample"):
         next(iter(loader))
 
 

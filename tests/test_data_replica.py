@@ -11,6 +11,7 @@ import torch.distributed as dist
 import vlmo_ds.data.pipelines as pipelines
 from distributed import run_ranks
 from shard_fixtures import WordTokenizer, image_bytes, plain_transform, write_shards
+from vlmo_ds.data.errors import DataSourceError
 from vlmo_ds.data.hooks import TextMasking
 from vlmo_ds.data.replica import ReplicaLoader, replica_loader
 from vlmo_ds.data.workers import default_num_workers
@@ -55,7 +56,7 @@ def replica_rank(rank: int, world: int, folder: str, bad: str) -> dict:
     decoded = len(decodes)
     try:  # every sample bad: the reading rank's loader gives up, and the receiving rank hears why
         next(iter(replica_loader(partial(make_loader, bad, max_consecutive_skips=3), group, cpu, **WORKERS)))
-    except RuntimeError as err:
+    except DataSourceError as err:
         failed = str(err)
     return {"failed": failed, "batches": first + rest, "again": again, "state": state, "epoch": epoch,
             "decodes": decoded, "reads": isinstance(loader, ReplicaLoader) and loader.loader is not None,
@@ -81,14 +82,15 @@ def test_a_tensor_parallel_replica_decodes_each_sample_once(tmp_path):
                  per_shard=4)
     reader, receiver = run_ranks(replica_rank, 2, str(tmp_path), str(tmp_path / "bad"))
     assert reader["reads"] and not receiver["reads"]
-    assert reader["decodes"] == (3 + 2 + 2 + 2) * 4 and receiver["decodes"] == 0  # every decode on the reading rank
+    # every decode on the reading rank; + 1 for each of its 3 loaders: the source check's first sample (source_check)
+    assert reader["decodes"] == (3 + 2 + 2 + 2) * 4 + 3 and receiver["decodes"] == 0
     for key in ("batches", "again", "epoch"):
         assert_same_batches(receiver[key], reader[key])
     assert receiver["state"] == reader["state"] and receiver["skipped"] == reader["skipped"] == {}
     assert_same_batches(reader["again"], reader["batches"][3:])  # either rank's saved state resumes exactly
     assert len(reader["epoch"]) == 2  # a finite loader's end reaches the receiving rank too
-    assert "in a row were unusable" in reader["failed"]
-    assert receiver["failed"].startswith("the loader of this replica's reading rank 0 failed: RuntimeError: ")
+    assert "held no usable sample" in reader["failed"]
+    assert receiver["failed"] == reader["failed"]  # the same one line on every rank of the replica
     # the replica sees exactly the batches one process's loader gives: broadcasting changes nothing
     alone = iter(make_loader(tmp_path))
     assert_same_batches(reader["batches"], take(alone, 5))

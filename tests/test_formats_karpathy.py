@@ -103,8 +103,9 @@ def test_restval_split_and_order_options(tmp_path):
     assert [decode_json(s)["image_id"] for s in read_split(out / "restval")] == [42]
     assert [s["__key__"] for s in read_split(out / "train")] == ["00000000", "00000001"]
     again = tmp_path / "again"
-    for folder in (out, again):  # the seeded order writes identical bytes
-        assert tool.main([*args, "--out", str(folder), "--shuffle-seed", "3"]) == 0
+    for folder in (out, again):  # the seeded order writes identical bytes; out is rewritten in place
+        assert tool.main([*args, "--out", str(folder), "--shuffle-seed", "3", "--overwrite"]) == 0
+    assert not (out / "restval" / "shard-000000.tar").exists()  # the earlier run's own files are gone
     assert (out / "train" / "shard-000000.tar").read_bytes() == (again / "train" / "shard-000000.tar").read_bytes()
 
 

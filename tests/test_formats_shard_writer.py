@@ -1,4 +1,4 @@
-"""ShardWriter: shard limits, atomic shards, sizes.json last, stale shards removed, nothing half-written."""
+"""ShardWriter: shard limits, atomic shards, sizes.json last, a folder holding shards refused, nothing half-written."""
 
 import json
 import tarfile
@@ -27,19 +27,25 @@ def test_shards_split_by_count_and_bytes(tmp_path):
     assert json.loads((tmp_path / "b" / "sizes.json").read_text()) == {f"shard-{i:06d}.tar": 1 for i in range(4)}
 
 
-def test_rewrite_removes_stale_shards_and_failure_leaves_no_partial_shard(tmp_path):
+def test_folder_with_shards_is_refused_and_failure_leaves_no_partial_shard(tmp_path):
     folder = tmp_path / "split"
     with ShardWriter(folder, shard_size=1) as writer:
         for i in range(3):
             writer.write(f"k{i}", {"txt": b"x"})
-    (folder / "keep.txt").write_text("not a shard")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(FileExistsError, match="already holds"):
+        ShardWriter(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # another data set's shards stay whole
+    fresh = tmp_path / "fresh"
+    (fresh / "keep.txt").parent.mkdir()
+    (fresh / "keep.txt").write_text("not a shard")
     with pytest.raises(RuntimeError):
-        with ShardWriter(folder, shard_size=2) as writer:
+        with ShardWriter(fresh, shard_size=2) as writer:
             writer.write("k0", {"txt": b"y"})
             writer.write("k1", {"txt": b"y"})
             writer.write("k2", {"txt": b"y"})
             raise RuntimeError("the conversion died")
-    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt", "shard-000000.tar"]  # no .tmp, no sizes.json
+    assert sorted(p.name for p in fresh.iterdir()) == ["keep.txt", "shard-000000.tar"]  # no .tmp, no sizes.json
 
 
 @pytest.mark.parametrize("key, members, message", [

@@ -10,9 +10,10 @@ Sub-commands (each has --help):
   caption-tsv         CC3M / SBU style caption TSV + images on disk   -> OUT/ (image-text pre-training pairs)
   img2dataset         img2dataset webdataset output, read as is       -> its sizes.json only
 
-Every split folder holds shard-000000.tar, ... and sizes.json. Missing images, unreadable lines and records
-without captions or answers are skipped, counted and named: the summary prints at the end and
-OUT/conversion_report.json lists every name. Samples are written in a seeded random order (--keep-order keeps the
+Every split folder holds shard-000000.tar, ... and sizes.json. Missing images, image paths outside --images,
+unreadable lines and records without captions or answers are skipped, counted and named: the summary prints at the
+end and OUT/conversion_report.json lists every name (and every file the run wrote). An OUT that already holds data
+is refused; --overwrite replaces what an earlier make_shards run wrote there and touches nothing else. Samples are written in a seeded random order (--keep-order keeps the
 files' order). Sample layouts: see vlmo_ds/data/formats/.
 
   python tools/make_shards.py coco-karpathy --json karpathy/dataset_coco.json --images coco/ --out shards/coco
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vlmo_ds.data.formats import caption_tsv, karpathy, nlvr2, vqa2  # noqa: E402
 from vlmo_ds.data.formats import img2dataset as img2dataset_format  # noqa: E402
 from vlmo_ds.data.formats.convert import Record, WriteOptions, shuffled, write_split  # noqa: E402
+from vlmo_ds.data.formats.out_folder import prepare_out  # noqa: E402
 from vlmo_ds.data.formats.report import ConversionReport  # noqa: E402
 from vlmo_ds.data.formats.shard_writer import DEFAULT_SHARD_SIZE  # noqa: E402
 from vlmo_ds.data.formats.vqa_answers import DEFAULT_MIN_COUNT  # noqa: E402
@@ -53,7 +55,8 @@ def _write(args: argparse.Namespace, report: ConversionReport, split: str, recor
     """Write one split under OUT/split (or OUT itself for split "")."""
     with _bar(args, total, f"{report.format} {split or args.out.name}") as bar:
         options = WriteOptions(args.shard_size, args.shard_mb << 20, args.workers, bar.update)
-        write_split(records, args.out / split, report.split(split or args.out.name), options)
+        written = write_split(records, args.out / split, args.images, report.split(split or args.out.name), options)
+    report.files += [path.relative_to(args.out).as_posix() for path in written]
 
 
 def _write_all(args: argparse.Namespace, report: ConversionReport, split: str, records: list[Record]) -> None:
@@ -87,6 +90,7 @@ def _vqa2(args: argparse.Namespace) -> ConversionReport:
     args.out.mkdir(parents=True, exist_ok=True)
     min_count = args.min_count if args.vocab is None else None  # a reused table keeps its own, unknown here
     vqa2.save_vocab(args.out / vqa2.VOCAB_FILE, vocab, min_count, sources)
+    report.files.append(vqa2.VOCAB_FILE)
     report.extra.update(vocab_size=len(vocab), min_count=min_count, vocab_sources=sources)
     for split in splits:
         files = vqa2.official_split_files(args.root, split)
@@ -126,7 +130,10 @@ def _img2dataset(args: argparse.Namespace) -> ConversionReport:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created; refused if it holds data)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="an --out holding data: remove the files an earlier make_shards run there wrote (those "
+                             "its conversion_report.json lists), then write; nothing else is touched")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help="samples per shard (default %(default)s)")
     parser.add_argument("--shard-mb", type=int, default=1024, help="a shard also ends past this size (default "
@@ -197,9 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "workers", 1) < 1:
             raise ValueError(f"--workers {args.workers} must be at least 1")
+        if args.command != "img2dataset":  # img2dataset only adds sizes.json beside another tool's shards
+            removed = prepare_out(args.out, args.overwrite)
+            if removed:
+                logging.info("--overwrite: removed the %d files an earlier run wrote in %s", len(removed), args.out)
         with logging_redirect_tqdm():
             report = commands[args.command]()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"make_shards {args.command}: {error}", file=sys.stderr)
         return 2
     print(report.summary())

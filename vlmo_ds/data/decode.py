@@ -1,6 +1,8 @@
 """Decode the members of a WebDataset sample (img2dataset layout) and name what is wrong with bad ones.
 
-Bad data never stops training: a decoder raises ``SampleSkipped(kind)``, the stream counts the kind and moves on.
+Bad data never stops training: a decoder raises ``SampleSkipped(kind)``, the stream counts the kind, warns once per
+kind naming the shard and the sample key, and moves on. Only a source with nothing usable stops training, with one
+line (vlmo_ds.data.source_check).
 Images in other modes (grayscale, 16-bit, CMYK, palette, with alpha) are converted to 8-bit RGB, not skipped.
 
 Skip kinds (the keys of ``loader.skipped``):
@@ -32,12 +34,15 @@ _WHITE = (255, 255, 255, 255)
 
 
 class SampleSkipped(Exception):
-    """A sample that cannot be used; ``kind`` is one of SKIP_KINDS."""
+    """A sample that cannot be used; ``kind`` is one of SKIP_KINDS. ``where`` names the shard and the sample key
+    ("/data/cc3m/shard-000012.tar sample 00012345"), set by the stream that read it, so that warnings point at the
+    sample to look at."""
 
     def __init__(self, kind: str, detail: str = "") -> None:
         assert kind in SKIP_KINDS, kind
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
+        self.where = ""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

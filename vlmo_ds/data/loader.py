@@ -11,6 +11,8 @@ How (see vlmo_ds.data.stream for the stream side):
 - Each ``iter()`` starts workers afresh from the recorded state; epoch ends and resumes take the same path.
 Data-parallel rank and size are passed in (never read from the environment). The tensor- and pipeline-parallel ranks
 of one replica share one loader: its reading rank runs it and broadcasts the batches (vlmo_ds.data.replica).
+A source whose samples are all bad raises DataSourceError (one line) at the first batch, on every rank alike
+(vlmo_ds.data.source_check); a worker's DataSourceError reaches the trainer as that line, not as a worker traceback.
 """
 
 from __future__ import annotations
@@ -18,19 +20,23 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlmo_ds.data.errors import DataSourceError
 from vlmo_ds.data.shards import ShardList, ShardSource, resolve_shards
+from vlmo_ds.data.source_check import check_source, source_label
 from vlmo_ds.data.stream import BatchHook, Pipeline, SampleStream, stream_seed
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "vlmo_ds.stream_loader/1"
 _POSITION = "_stream_position"  # batch key the workers add and the loader removes
+_FAILED = "_data_source_error"  # the one "batch" a worker sends when its stream gave up: the error's line
 
 
 class _StreamBatches(IterableDataset):
@@ -57,7 +63,7 @@ class _StreamBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         offsets = itertools.count(worker, workers) if self.count is None else range(worker, self.count, workers)
         streams: dict[int, SampleStream] = {}
-        try:
+        try:  # a DataSourceError travels as a marker: DataLoader would wrap it in a multi-line worker traceback
             for j in offsets:
                 b = self.start + j
                 s = b % self.num_streams
@@ -69,6 +75,8 @@ class _StreamBatches(IterableDataset):
                     batch = self.batch_hook(batch, stream.rng)
                 batch[_POSITION] = {"batch": b, "stream": s, "state": stream.state_dict()}
                 yield batch
+        except DataSourceError as err:
+            yield {_FAILED: str(err)}
         finally:
             for stream in streams.values():
                 stream.close()
@@ -101,6 +109,9 @@ class StreamLoader:
             raise ValueError(f"num_streams={self.num_streams} must be a positive multiple of num_workers="
                              f"{num_workers}: each logical stream must live in one worker")
         all_shards = shards if isinstance(shards, ShardList) else resolve_shards(shards)
+        named = isinstance(shards, (str, os.PathLike))  # a folder or pattern as the recipe gives it
+        self.source = os.fspath(shards) if named else source_label(all_shards.urls)
+        self._all_urls: tuple[str, ...] | None = all_shards.urls  # None once check_source found a usable sample
         self.shards = all_shards.for_rank(dp_rank, dp_size)
         self.pipeline, self.batch_size, self.batch_hook = pipeline, batch_size, batch_hook
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
@@ -139,7 +150,15 @@ class StreamLoader:
             raise TypeError("an endless StreamLoader (batches_per_epoch=None) has no length")
         return self.batches_per_epoch
 
+    def check_source(self) -> None:
+        """Once per loader: DataSourceError unless the source (every rank's shards, read in order) holds a usable
+        sample; the same answer on every rank (vlmo_ds.data.source_check). The first iteration calls it."""
+        if self._all_urls is not None:
+            check_source(self._all_urls, self.pipeline, self.max_consecutive_skips, self.source)
+            self._all_urls = None
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.check_source()
         count = None
         if self.batches_per_epoch is not None:
             count = self.batches_per_epoch - self._batches % self.batches_per_epoch
@@ -150,6 +169,8 @@ class StreamLoader:
                              prefetch_factor=self.prefetch_factor if self.num_workers else None,
                              generator=torch.Generator())
         for batch in workers:
+            if _FAILED in batch:
+                raise DataSourceError(batch[_FAILED])
             position = batch.pop(_POSITION)
             assert position["batch"] == self._batches, "DataLoader broke its round-robin order"
             self._streams[position["stream"]] = position["state"]

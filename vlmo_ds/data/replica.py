@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from vlmo_ds.data.errors import DataSourceError
 from vlmo_ds.data.workers import default_num_workers
 
 
@@ -109,7 +110,8 @@ class ReplicaLoader:
         try:
             yield from self._send_batches()
         except Exception as err:  # the receivers would wait for a batch that never comes: they fail with us
-            self._announce({"error": f"{type(err).__name__}: {err}"})
+            bad_source = str(err) if isinstance(err, DataSourceError) else None
+            self._announce({"error": f"{type(err).__name__}: {err}", "data_source": bad_source})
             raise
         self._announce(None)  # a finite loader's end (an epoch): the receivers stop too
 
@@ -129,6 +131,8 @@ class ReplicaLoader:
             header = self._announce(None)
             if header is None:
                 return
+            if header.get("data_source"):  # a bad data source: the same one line on every rank of the replica
+                raise DataSourceError(header["data_source"])
             if "error" in header:
                 raise RuntimeError(f"the loader of this replica's reading rank {self.src} failed: {header['error']}")
             tensors = {}

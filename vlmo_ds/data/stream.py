@@ -29,6 +29,7 @@ import numpy as np
 
 from vlmo_ds.data.decode import SKIP_KINDS, SampleSkipped
 from vlmo_ds.data.shard_reader import ShardReader, ShardTruncated
+from vlmo_ds.data.source_check import SkipTally, located, no_usable_sample, source_label
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +72,18 @@ class _Slot:
         return self.taken == len(self.items) and self.reader.done
 
     def next_item(self, pipeline: Pipeline) -> Any | None:
-        """The next item, None at the shard's end; raises SampleSkipped or ShardTruncated."""
+        """The next item, None at the shard's end; raises SampleSkipped (naming the shard and key) or
+        ShardTruncated."""
         while self.taken == len(self.items):
             offset = self.reader.next_offset
             sample = self.reader.next_sample()
             if sample is None:
                 return None
             self.items, self.taken, self.sample_offset = [], 0, offset
-            self.items = pipeline.expand(sample)
+            try:
+                self.items = pipeline.expand(sample)
+            except SampleSkipped as err:
+                raise located(err, self.reader.url, sample)
         self.taken += 1
         return self.items[self.taken - 1]
 
@@ -119,9 +124,12 @@ class SampleStream:
         slots = [saved if slot is None else slot.state() for slot, saved in zip(self._slots, self._saved)]
         return {"rng": self.rng.bit_generator.state, "slots": slots, "skipped": dict(self.skipped)}
 
-    def _count(self, kind: str, detail: str) -> None:
+    def _count(self, kind: str, detail: str, run: SkipTally | None = None) -> None:
+        """Count a skip (``run``: the current run of failures in a row, for the error if it gets too long)."""
         assert kind in SKIP_KINDS, kind
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
+        if run is not None:
+            run.add(kind, detail)
         # the first of each kind is worth a look; the loader logs the totals at the end of every epoch
         logger.log(logging.WARNING if self.skipped[kind] == 1 else logging.DEBUG, "skipped (%s): %s", kind, detail)
 
@@ -136,12 +144,12 @@ class SampleStream:
         return _Slot(shard, self.urls[shard], offset, taken, self.pipeline)
 
     def next_item(self) -> dict[str, Any]:
-        """The next finished item; bad samples and broken shards are counted in ``skipped`` and passed over."""
-        failures = 0
+        """The next finished item; bad samples and broken shards are counted in ``skipped`` and passed over;
+        DataSourceError after more than ``max_consecutive_skips`` of them in a row."""
+        failures, run = 0, SkipTally()
         while True:
             if failures > self.max_consecutive_skips:
-                raise RuntimeError(f"{failures} samples or shards in a row were unusable (skipped so far: "
-                                   f"{self.skipped}); check the shards, e.g. {self.urls[0]}")
+                raise no_usable_sample(source_label(self.urls), run, f"{failures} samples and shards in a row")
             k = int(self.rng.integers(len(self._slots)))
             slot = self._slots[k]
             try:
@@ -150,15 +158,15 @@ class SampleStream:
                     slot = self._slots[k] = self._open(k)
                 item = slot.next_item(self.pipeline)
             except SampleSkipped as err:
-                self._count(err.kind, str(err))
+                self._count(err.kind, f"{err.where}: {err}", run)
                 failures += 1
                 continue
             except ShardTruncated as err:
-                self._drop(k, "truncated_tar", str(err))
+                self._drop(k, "truncated_tar", str(err), run)
                 failures += 1
                 continue
             except OSError as err:
-                self._drop(k, "unreadable_shard", str(err))
+                self._drop(k, "unreadable_shard", str(err), run)
                 failures += 1
                 continue
             if item is None:
@@ -167,9 +175,9 @@ class SampleStream:
                 continue
             return self.pipeline.finish(item, self.rng)
 
-    def _drop(self, k: int, kind: str | None, detail: str) -> None:
+    def _drop(self, k: int, kind: str | None, detail: str, run: SkipTally | None = None) -> None:
         if kind is not None:
-            self._count(kind, detail)
+            self._count(kind, detail, run)
         slot, self._slots[k] = self._slots[k], None
         if slot is not None:
             slot.reader.close()

@@ -31,6 +31,7 @@ from vlmo_ds.config import ConfigError, check_files, load_config
 from vlmo_ds.parallel.device import configure_cuda
 from vlmo_ds.parallel.launch import discover, init_distributed
 from vlmo_ds.ckpt.errors import CheckpointError
+from vlmo_ds.data.errors import DataSourceError
 from vlmo_ds.parallel.layout_rules import LayoutError
 from vlmo_ds.train.preemption import EXIT_STOPPED, StopSignals, requeue_slurm_job
 from vlmo_ds.train.schedule import plan_run
@@ -73,8 +74,8 @@ def _run(argv: list[str] | None, signals: StopSignals) -> int:
     try:
         try:
             result = train(cfg, env, signals)
-        except (LayoutError, CheckpointError) as err:  # found once processes exist: a checkpoint of another
-            # layout or model, pipeline stages without CUDA
+        except (LayoutError, CheckpointError, DataSourceError) as err:  # found once processes exist: a checkpoint
+            # of another layout or model, pipeline stages without CUDA, a data source of only bad samples
             print(f"vlmo_ds.train: {err}", file=sys.stderr)
             return 2
         if result.stopped is not None:

@@ -87,6 +87,8 @@ class MixedLoader:
         return rng.choice(len(self.loaders), size=self.chunks, p=self.probs).tolist()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        for loader in self.loaders:  # every source now, not when this rank first draws it: all ranks stop alike
+            loader.check_source()
         streams: list[Iterator[dict[str, Any]] | None] = [None] * len(self.loaders)
         while True:
             parts = []

@@ -44,7 +44,7 @@ def held_out_batches(shards: ShardSource, tokenizer: Tokenizer, text_len: int, b
                 try:
                     pieces += pipeline.expand(sample)
                 except SampleSkipped as err:
-                    log.warning("held-out text: skipped %s (%s)", sample.get("__key__"), err)
+                    log.warning("held-out text: skipped %s sample %s (%s)", url, sample.get("__key__"), err)
         finally:
             reader.close()
     if not pieces:

@@ -10,6 +10,7 @@ One module per format, each turning annotation files into ``convert.Record``s th
 The layouts are those of the synthetic data set's splits (vlmo_ds.data.synthetic), extended where the public sets
 carry more (question ids, answer counts, identifiers). Every split folder holds shard-NNNNNN.tar and sizes.json;
 each tool run leaves conversion_report.json (report.py) naming every record it could not write.
-``vqa_answers`` holds the official VQA answer normalisation, the answer table and the soft scores.
+``vqa_answers`` holds the official VQA answer normalisation, the answer table and the soft scores; ``out_folder``
+refuses an output folder that holds data and, with --overwrite, removes only what an earlier run there wrote.
 tools/make_shards.py is the command line.
 """

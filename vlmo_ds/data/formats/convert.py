@@ -3,11 +3,13 @@
 A format module (karpathy, vqa2, nlvr2, caption_tsv) parses its annotation files into ``Record``s, each naming the
 image files of one sample and the JSON (and caption) to store with them; ``write_split`` reads the images (threads
 reading ahead), writes ``KEY.<image ext>`` / ``KEY.<prefix>.<image ext>`` + ``KEY.json`` (+ ``KEY.txt``) samples with
-keys 00000000, 00000001, ... in the written order, and reports every record it could not write.
+keys 00000000, 00000001, ... in the written order, and reports every record it could not write. An image path
+outside the image folder is reported (escaping_path) and never opened: annotation files are not trusted.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -15,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vlmo_ds.data.formats.images import ImageFile, ImageProblem, ordered_map, read_image_file
+from vlmo_ds.data.formats.images import ImageFile, ImageProblem, is_inside, ordered_map, read_image_file
 from vlmo_ds.data.formats.report import SplitReport
 from vlmo_ds.data.formats.shard_writer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_SIZE, ShardWriter
+from vlmo_ds.data.shards import SIZES_FILE
 
 T = TypeVar("T")
 
@@ -60,11 +63,13 @@ def shuffled(items: Sequence[T], seed: int | None) -> list[T]:
     return items
 
 
-def _load(record: Record) -> tuple[Record, list[tuple[str, ImageFile]] | ImageProblem, Path | None]:
+def _load(record: Record, image_root: Path) -> tuple[Record, list[tuple[str, ImageFile]] | ImageProblem, Path | None]:
     """Read a record's images in a worker thread; the first problem is returned, not raised."""
     files = []
     for prefix, path in record.images:
         try:
+            if not is_inside(image_root, path):
+                raise ImageProblem("escaping_path", f"{path} is outside the image folder {image_root}")
             files.append((prefix, read_image_file(path)))
         except ImageProblem as problem:
             return record, problem, path
@@ -79,13 +84,15 @@ def _members(record: Record, files: list[tuple[str, ImageFile]]) -> dict[str, by
     return members
 
 
-def write_split(records: Iterable[Record], folder: Path, report: SplitReport,
-                options: WriteOptions = WriteOptions()) -> None:
-    """Write ``records`` as shards in ``folder``; records whose images are missing or unreadable are reported in
-    ``report`` (missing_image / bad_image, named "record name: path") and left out, the rest are written."""
+def write_split(records: Iterable[Record], folder: Path, image_root: Path, report: SplitReport,
+                options: WriteOptions = WriteOptions()) -> list[Path]:
+    """Write ``records`` as shards in ``folder`` and return the files written (shards, then sizes.json); records
+    whose images are missing, unreadable or outside ``image_root`` are reported in ``report`` (missing_image /
+    bad_image / escaping_path, named "record name: path") and left out, the rest are written."""
     progress = options.progress or (lambda n: None)
     with ShardWriter(folder, options.shard_size, options.shard_bytes) as writer:
-        for record, files, path in ordered_map(_load, records, options.workers):
+        load = functools.partial(_load, image_root=image_root)
+        for record, files, path in ordered_map(load, records, options.workers):
             progress(1)
             if isinstance(files, ImageProblem):
                 report.problem(files.kind, f"{record.name}: {path}")
@@ -96,3 +103,4 @@ def write_split(records: Iterable[Record], folder: Path, report: SplitReport,
             writer.write(f"{report.written:08d}", _members(record, files))
             report.written += 1
     report.shards = len(writer.sizes)  # leaving the block finished the last shard and wrote sizes.json
+    return [folder / name for name in writer.sizes] + [folder / SIZES_FILE]

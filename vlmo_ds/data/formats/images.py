@@ -5,11 +5,14 @@ content, so a member is named by what the bytes are, not by the file's name: NLV
 JPEG data and become ``left.jpg``. JPEG, PNG and WebP bytes are copied unchanged (no re-encoding loss); any other
 format Pillow reads (GIF, BMP, TIFF, ...) is converted to 8-bit RGB and stored as PNG, which the caller notes.
 Only the header is read to identify a file; a file whose pixel data is corrupt is caught by the loaders later.
+Image paths come from annotation files, which are data, not trusted: a path that leaves the image folder
+(``../x.jpg``, ``/etc/x.jpg``) is never looked at (``is_inside``; the conversion reports it as escaping_path).
 """
 
 from __future__ import annotations
 
 import io
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +31,7 @@ R = TypeVar("R")
 
 
 class ImageProblem(Exception):
-    """An image that cannot be stored: ``kind`` is "missing_image" or "bad_image" (report kinds)."""
+    """An image that cannot be stored: ``kind`` is "missing_image", "bad_image" or "escaping_path" (report kinds)."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
@@ -73,12 +76,20 @@ def read_image_file(path: Path) -> ImageFile:
     return ImageFile("png", buffer.getvalue(), reencoded=True)
 
 
-def first_existing(candidates: Iterable[Path]) -> Path:
-    """The first of ``candidates`` that is a file, else the first candidate (reported missing when read)."""
+def is_inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` lies in the folder ``root``, judged on the names alone (``..`` resolved, links not
+    followed: an image folder of symbolic links to a shared store stays usable)."""
+    top = os.path.normpath(os.path.abspath(root))
+    return os.path.commonpath([top, os.path.normpath(os.path.abspath(path))]) == top
+
+
+def first_existing(candidates: Iterable[Path], root: Path) -> Path:
+    """The first of ``candidates`` that is a file inside ``root``, else the first candidate (reported missing or
+    escaping when written). A candidate outside ``root`` is never looked at."""
     paths = list(candidates)
     if not paths:
         raise ValueError("no candidate image paths")
-    return next((p for p in paths if p.is_file()), paths[0])
+    return next((p for p in paths if is_inside(root, p) and p.is_file()), paths[0])
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:

@@ -92,6 +92,6 @@ def karpathy_records(path: str | os.PathLike, image_root: str | os.PathLike, rep
         candidates = [root / folder / filename] if isinstance(folder, str) and folder else []
         meta = {"captions": captions, "image_id": _image_id(entry, filename), "filename": filename, "split": split,
                 "imgid": entry.get("imgid"), "sentids": entry.get("sentids", [])}
-        image = first_existing([*candidates, root / filename])
+        image = first_existing([*candidates, root / filename], root)
         out[target].append(Record(filename, meta, (("", image),), captions[0]))
     return out

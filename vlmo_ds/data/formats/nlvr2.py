@@ -48,7 +48,7 @@ def _image_path(root: Path, split: str, directory: str | None, name: str) -> Pat
     folders = [root / split, root / "images" / split]
     if directory:
         folders = [folders[0] / directory, folders[1] / directory, *folders]
-    return first_existing([*(folder / name for folder in folders), root / name])
+    return first_existing([*(folder / name for folder in folders), root / name], root)
 
 
 def _label(value: Any) -> bool | None:

@@ -2,9 +2,12 @@
 
 A converter never drops a record silently and never stops for a bad one: it records the problem here and moves on.
 At the end the tool prints ``summary()`` and saves ``to_json()`` as ``conversion_report.json`` beside the shards.
+Its ``files`` list names every file the run wrote (paths relative to the output folder): the record by which a later
+run with ``--overwrite`` removes this run's files and nothing else (out_folder.py).
 
 Problem kinds (the report's keys; a record that hits one is not written):
     missing_image   an image file named by the annotations does not exist
+    escaping_path   an image path that leaves the image folder (``../x.jpg``, an absolute path): never read
     bad_image       an image file Pillow cannot identify (not an image, empty, unreadable)
     bad_line        a line of a JSON-lines or TSV file that does not parse, or lacks a field the format needs
     bad_record      a record of a JSON file that lacks a field the format needs, or holds a wrong type
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PROBLEM_KINDS = ("missing_image", "bad_image", "bad_line", "bad_record", "no_caption", "no_answers", "no_question",
+PROBLEM_KINDS = ("missing_image", "escaping_path", "bad_image", "bad_line", "bad_record", "no_caption", "no_answers", "no_question",
                  "bad_label", "bad_shard", "no_image")
 REPORT_FILE = "conversion_report.json"
 MAX_NAMES = 10_000  # names kept per kind and split; counts stay exact past it
@@ -78,6 +81,7 @@ class ConversionReport:
     inputs: dict[str, str] = field(default_factory=dict)
     splits: dict[str, SplitReport] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # format-specific facts, e.g. the vocabulary size
+    files: list[str] = field(default_factory=list)  # what the run wrote, relative to the output folder
 
     def split(self, name: str) -> SplitReport:
         """The report of split ``name``, created on first use."""
@@ -89,7 +93,7 @@ class ConversionReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": self.format, "inputs": self.inputs, **self.extra,
-                "splits": {name: s.to_json() for name, s in self.splits.items()}}
+                "splits": {name: s.to_json() for name, s in self.splits.items()}, "files": self.files}
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the report as conversion_report.json in ``folder`` (atomically) and return its path."""

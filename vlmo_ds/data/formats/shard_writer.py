@@ -47,9 +47,10 @@ def write_json_atomic(path: Path, data: object) -> None:
 class ShardWriter:
     """Samples into shards of at most ``shard_size`` samples (or past ``shard_bytes`` bytes) in ``folder``.
 
-    Opening it removes the shards and sizes.json an earlier run left in ``folder`` (a smaller rewrite must not leave
-    old shards behind); nothing else there is touched. Use as a context manager: leaving it normally finishes the
-    last shard and writes sizes.json; leaving on an exception removes the unfinished shard and writes no sizes.json.
+    A folder that already holds shards or a sizes.json is refused (FileExistsError): they may be another data set's,
+    and overwriting some of them would leave a mix; tools/make_shards.py clears what its own earlier run wrote
+    (out_folder.py). Use as a context manager: leaving it normally finishes the last shard and writes sizes.json;
+    leaving on an exception removes the unfinished shard and writes no sizes.json.
     """
 
     def __init__(self, folder: str | os.PathLike, shard_size: int = DEFAULT_SHARD_SIZE,
@@ -58,9 +59,11 @@ class ShardWriter:
             raise ValueError(f"shard_size={shard_size} and shard_bytes={shard_bytes} must be positive")
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in [*self.folder.glob("shard-*.tar"), *self.folder.glob("shard-*.tar.tmp"),
-                      self.folder / SIZES_FILE]:
-            stale.unlink(missing_ok=True)
+        held = [*self.folder.glob("shard-*.tar"), *self.folder.glob("shard-*.tar.tmp"), self.folder / SIZES_FILE]
+        held = [path for path in held if path.exists()]
+        if held:
+            raise FileExistsError(f"{self.folder} already holds {held[0].name} ({len(held)} shard files): write each "
+                                  "data set to a folder of its own, or remove them first")
         self.shard_size, self.shard_bytes = shard_size, shard_bytes
         self.sizes: dict[str, int] = {}
         self._tar: tarfile.TarFile | None = None

@@ -130,7 +130,7 @@ def _annotations(path: Path, question_ids: set[int], report: SplitReport) -> dic
 
 def _image_path(root: Path, folder: str, image_id: int) -> Path:
     official = f"COCO_{folder}_{image_id:012d}.jpg"
-    return first_existing([root / folder / official, root / folder / f"{image_id:012d}.jpg", root / official])
+    return first_existing([root / folder / official, root / folder / f"{image_id:012d}.jpg", root / official], root)
 
 
 def vqa_records(files: VqaSplitFiles, image_root: str | os.PathLike, vocab: Sequence[str], report: SplitReport,
