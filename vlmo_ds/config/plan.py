@@ -23,6 +23,13 @@ def find_stage(cfg: RunConfig, stage: int | str) -> tuple[int, StageConfig]:
     raise ConfigError(f"stages: no stage {stage!r}; stages are {', '.join(s.name for s in cfg.stages)}")
 
 
+def resume_changes(cfg: RunConfig) -> tuple[str, ...]:
+    """train.allow_resume_changes as names ("steps,global_batch" or a list)."""
+    value = cfg.train.allow_resume_changes
+    names = value.split(",") if isinstance(value, str) else value
+    return tuple(name.strip() for name in names if name.strip())
+
+
 def start_stage(cfg: RunConfig, index: int) -> int | None:
     """The index of the stage whose final weights stage `index` starts from: the one init_from names, else the
     previous one; None for the first stage and for init_from files."""

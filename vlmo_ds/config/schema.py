@@ -53,6 +53,8 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 RESUME_WORDS = ("auto", "none")
+RESUME_CHANGES = ("steps", "global_batch", "schedule")
+"""Recipe changes train.allow_resume_changes may accept inside a stage (vlmo_ds.train.resume_check)."""
 MIM_TARGETS = ("pixels", "tokens")
 
 
@@ -131,6 +133,10 @@ class TrainSection:
     """Write the sample keys of every step to RUN_DIR/samples_rank<r>.jsonl (audits the data order across resumes)."""
     only_stage: str | None = None
     """Run this one stage (by name), then exit: one job per stage (`--stage NAME` sets it); null = every stage."""
+    allow_resume_changes: str | tuple[str, ...] = ()
+    """Recipe changes a resume accepts (a list, or names joined by commas): steps (the decay is re-planned from the
+    checkpoint's step; fewer steps than the stage has trained are always refused), global_batch, schedule (lr,
+    warmup, end_lr). Any other change to the stage a checkpoint belongs to is refused."""
 
 
 @dataclass(frozen=True, kw_only=True)

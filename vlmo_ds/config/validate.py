@@ -12,11 +12,12 @@ from typing import Any
 
 from vlmo_ds.config.errors import ConfigError, MissingFileError, did_you_mean
 from vlmo_ds.config.groups import expand, present_groups
-from vlmo_ds.config.plan import (accumulation, model_config, model_value, start_stage, vocab_stand_in,
-                                 warmup_steps)
+from vlmo_ds.config.plan import (accumulation, model_config, model_value, resume_changes, start_stage,
+                                 vocab_stand_in, warmup_steps)
 from vlmo_ds.config.schema import (
     LOSS_KEYS,
     MIM_TARGETS,
+    RESUME_CHANGES,
     RESUME_WORDS,
     TASK_KINDS,
     TRAINABLE_GROUPS,
@@ -124,6 +125,10 @@ def _check_train(cfg: RunConfig) -> None:
     if tr.resume not in RESUME_WORDS and not Path(tr.resume).exists():
         raise MissingFileError(f"train.resume: checkpoint {tr.resume} does not exist; give an existing checkpoint, "
                                "'auto' (latest in the run folder, if any) or 'none'")
+    for name in resume_changes(cfg):
+        if name not in RESUME_CHANGES:
+            raise ConfigError(f"train.allow_resume_changes: '{name}' is not a change a resume can accept"
+                              f"{did_you_mean(name, RESUME_CHANGES)}; name some of {', '.join(RESUME_CHANGES)}")
     _positive(cfg.eval.every, "eval.every", allow_zero=True)
     _positive(cfg.eval.batch, "eval.batch")
     _positive(cfg.eval.rerank_k, "eval.rerank_k", allow_zero=True)

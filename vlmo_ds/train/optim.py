@@ -8,6 +8,8 @@ here is by shape and by name of those few tensors, so it covers every expert.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 from torch import nn
 
@@ -43,3 +45,29 @@ def lr_at(step: int, total: int, peak: float, warmup: int, end: float = 0.0) -> 
         return peak * (step + 1) / warmup
     remaining = max(total - warmup, 1)
     return end + (peak - end) * max(total - step, 0) / remaining
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """A stage's learning rate by step: lr_at's warm-up and linear decay to `end` at `total`. A resume that changes
+    the stage's steps re-plans it (replanned): the decay then runs straight from (from_step, from_lr) to `end` at
+    the new total, so the rate does not jump at the resumed step."""
+
+    peak: float
+    warmup: int
+    end: float
+    total: int
+    from_step: int = 0
+    from_lr: float | None = None
+    """The rate at from_step of a re-planned decay (None: never re-planned)."""
+
+    def at(self, step: int) -> float:
+        """The rate of the update after `step` steps of the stage (lr_at's convention)."""
+        if self.from_lr is None or step < self.warmup:
+            return lr_at(step, self.total, self.peak, self.warmup, self.end)
+        return self.end + (self.from_lr - self.end) * max(self.total - step, 0) / max(self.total - self.from_step, 1)
+
+    def replanned(self, step: int, total: int) -> LrSchedule:
+        """This schedule continued from `step` to a new `total` (a warm-up in progress finishes first)."""
+        pivot = max(step, self.warmup)
+        return replace(self, total=total, from_step=pivot, from_lr=self.at(pivot))

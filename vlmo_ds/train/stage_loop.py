@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from vlmo_ds.config import TASK_KINDS, RunConfig, deepspeed_config, model_config, stage_plan
+from vlmo_ds.config.plan import resume_changes
 from vlmo_ds.data.formats.vqa2 import VOCAB_FILE
 from vlmo_ds.data.replica import replica_loader
 from vlmo_ds.data.tokenizer import Tokenizer
@@ -40,11 +41,11 @@ from vlmo_ds.tasks.answers import answer_source, answer_vocab_text, stage_answer
 from vlmo_ds.tasks.kinds import evaluate_task
 from vlmo_ds.tasks.optim import head_lr_mult
 from vlmo_ds.tasks.start import build_task_model, load_task_weights
-from vlmo_ds.train import checkpoint, layout, stage_record
+from vlmo_ds.train import checkpoint, layout, resume_check, stage_record
 from vlmo_ds.train.engine import build_engine, compute_dtype, set_lr
 from vlmo_ds.train.freeze import apply_trainable
 from vlmo_ds.train.metrics import MetricsLogger
-from vlmo_ds.train.optim import lr_at
+from vlmo_ds.train.optim import LrSchedule
 from vlmo_ds.train.peak import peak_flops
 from vlmo_ds.train.preemption import Stop, StopPoll, StopSignals, flag_group
 from vlmo_ds.train.scalars import StepScalars
@@ -158,9 +159,15 @@ class StageRunner:
         self.ctx, self.index, self.stage = ctx, index, cfg.stages[index]
         self.plan = stage_plan(cfg, index, ctx.dp_size)
         self.model_cfg = model_config(cfg, ctx.tokenizer.vocab_size, stage=index)
+        self.schedule = LrSchedule(self.plan.lr, self.plan.warmup_steps, self.plan.end_lr, self.stage.steps)
+        self.recipe = resume_check.recipe_of(cfg, self.plan, step_offset(cfg, index))
         if resume_from is not None:
             checkpoint.check_layout(resume_from, where.layout.as_dict())
             check_resume_model(resume_from, self.model_cfg)
+            self.schedule, note = resume_check.check_resume(resume_from, self.recipe, self.model_cfg, self.schedule,
+                                                            resume_changes(cfg))
+            if note and env.rank == 0:
+                log.warning("%s", note)
         self.answers = stage_answers(self.stage)
         count = None if self.answers is None else len(self.answers)
         model = build_model(cfg, ctx.tokenizer.vocab_size, index, count) if resume_from \
@@ -208,8 +215,7 @@ class StageRunner:
                      f" | resumed at step {self.offset + self.start} from {resume_from}" if resume_from else "")
 
     def lr(self, stage_step: int) -> float:
-        plan = self.plan
-        return lr_at(stage_step, self.stage.steps, plan.lr, plan.warmup_steps, plan.end_lr)
+        return self.schedule.at(stage_step)
 
     def run(self) -> StageOutcome:
         ctx, stage = self.ctx, self.stage
@@ -261,7 +267,8 @@ class StageRunner:
                 if save:
                     trainer = {"step": at, "stage": stage.name, "stage_step": step + 1,
                                "layout": self.ctx.where.layout.as_dict(), "model": asdict(self.model_cfg),
-                               "trainable": self._trainable}
+                               "trainable": self._trainable, "recipe": self.recipe,
+                               "lr_schedule": asdict(self.schedule)}
                     checkpoint.save(self.engine, self.ctx.run_dir, at, trainer, {"loader": self.loader.state_dict()},
                                     self.ctx.env.rank, cfg.train.keep_last)
                     self.metrics.reset_timer()
