@@ -18,6 +18,11 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export VLMO_ROOT=${VLMO_ROOT:-$(dirname "$here")}   # the jobs find the checkout wherever this is run from
 python=${VLMO_PYTHON:-python3}
 
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "${BASH_SOURCE[0]}"
+    exit 0
+fi
+
 sbatch_options=()
 if [[ " $* " == *" -- "* ]]; then
     while [[ "$1" != "--" ]]; do

@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Make vlmo_ds's synthetic shapes data set as WebDataset shards.
 
-Small RGB images of coloured shapes (circle, square, triangle, star, diamond, cross; 8 colours; small or large) with
-compositional captions such as "a large red circle at the top", "two green triangles" or "a blue star above a white
-square". Every split the VLMo recipes use is written, byte-identical for a seed:
+64 px scenes of one to four coloured shapes (12 colours, two sizes, six shapes) on textured grey backgrounds, with
+compositional captions that state colours, sizes, counts, places (top / middle / bottom), the vertical order of two
+objects and sets of colours, never the shapes themselves (too small to learn quickly on a CPU): "a big green object
+near the top", "there are two large white objects", "a blue object below a cyan object", "four shapes yellow cyan
+lime and red". Half of the compositions are held out of every training split, so retrieval_test holds only captions
+never seen in training. Every split the VLMo recipes use is written, byte-identical for a seed:
 
   pretrain_pairs/   KEY.jpg KEY.txt KEY.json {"caption", "scene"}           image-text pre-training
   retrieval_train/  KEY.jpg KEY.txt KEY.json {"captions", "image_id", ...}  retrieval fine-tuning

@@ -5,6 +5,7 @@ tiny model is then built for real and run once through the three paths as a smok
 """
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -25,7 +26,12 @@ def preset_rows() -> list[tuple]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="python -m vlmo_ds.model", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="Columns: layers, width, heads, blocks with a vision-language expert, image size / "
+                                   "patch size, text length, parameters, model GFLOP of one image-text pair's "
+                                   "training step.").parse_args(argv)
     header = ("preset", "layers", "dim", "heads", "VL blocks", "image/patch", "text", "parameters", "GFLOP/pair")
     rows = [header] + preset_rows()
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
