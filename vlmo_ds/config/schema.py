@@ -125,6 +125,8 @@ class TrainSection:
     """Steps between checkpoints (each stage also ends with one)."""
     keep_last: int = 3
     """Checkpoints kept in the run folder; older ones are deleted."""
+    max_bad_steps: int = 3
+    """Stop the run (exit status 65) after this many steps in a row with a non-finite loss or gradient norm."""
     resume: str = "auto"
     """"auto" = the run folder's latest checkpoint if any, "none" = start afresh, or a checkpoint path."""
     deadline_minutes: float | None = None

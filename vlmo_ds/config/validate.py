@@ -118,7 +118,8 @@ def _check_warmup(warmup: float | int, steps: int, key: str, where_steps: str) -
 
 def _check_train(cfg: RunConfig) -> None:
     tr = cfg.train
-    for name in ("micro_batch", "global_batch", "open_shards", "log_every", "ckpt_every", "keep_last"):
+    for name in ("micro_batch", "global_batch", "open_shards", "log_every", "ckpt_every", "keep_last",
+                 "max_bad_steps"):
         _positive(getattr(tr, name), f"train.{name}")
     _positive(tr.num_workers, "train.num_workers", allow_zero=True)
     _positive(tr.deadline_minutes, "train.deadline_minutes")

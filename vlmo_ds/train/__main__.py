@@ -17,7 +17,9 @@ never runs again. For one job per stage, give each job its stage; a job whose st
 SIGUSR1 (Slurm's warning before a time limit: sbatch --signal) or SIGTERM on any rank, or train.deadline_minutes,
 makes every rank stop after the same step with a checkpoint; the exit status is then 75 (EX_TEMPFAIL) and the same
 command continues. In jobs started by slurm/ (VLMO_REQUEUE=1) rank 0 requeues the job after SIGUSR1 or the deadline.
-Exit status: 0 done, 2 bad recipe, 75 stopped early with a checkpoint.
+A run whose loss or gradient norm is not finite for train.max_bad_steps steps in a row stops with one line naming its
+newest finite checkpoint (vlmo_ds.train.divergence).
+Exit status: 0 done, 2 bad recipe, 65 diverged, 75 stopped early with a checkpoint.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from vlmo_ds.parallel.launch import discover, init_distributed
 from vlmo_ds.ckpt.errors import CheckpointError
 from vlmo_ds.data.errors import DataSourceError
 from vlmo_ds.parallel.layout_rules import LayoutError
+from vlmo_ds.train.divergence import EXIT_DIVERGED, DivergedError
 from vlmo_ds.train.preemption import EXIT_STOPPED, StopSignals, requeue_slurm_job
 from vlmo_ds.train.schedule import plan_run
 
@@ -78,6 +81,10 @@ def _run(argv: list[str] | None, signals: StopSignals) -> int:
             # of another layout or model, pipeline stages without CUDA, a data source of only bad samples
             print(f"vlmo_ds.train: {err}", file=sys.stderr)
             return 2
+        except DivergedError as err:  # every rank stops after the same step
+            if env.rank == 0:
+                print(f"vlmo_ds.train: {err}", file=sys.stderr)
+            return EXIT_DIVERGED
         if result.stopped is not None:
             if env.rank == 0 and result.stopped.requeue:
                 requeue_slurm_job()

@@ -10,6 +10,7 @@ import deepspeed
 import torch
 
 from vlmo_ds.tasks.optim import split_head_groups
+from vlmo_ds.train.divergence import steps_unwrapped
 from vlmo_ds.train.optim import param_groups
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, betas: tupl
         optimizer = DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                      adamw_mode=True)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        # fused where DeepSpeed steps it as it is: it skips a non-finite step on the device (vlmo_ds.train.divergence)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      fused=steps_unwrapped(ds_config) or None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     return engine
 

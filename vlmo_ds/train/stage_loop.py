@@ -42,6 +42,7 @@ from vlmo_ds.tasks.kinds import evaluate_task
 from vlmo_ds.tasks.optim import head_lr_mult
 from vlmo_ds.tasks.start import build_task_model, load_task_weights
 from vlmo_ds.train import checkpoint, layout, resume_check, stage_record
+from vlmo_ds.train.divergence import DivergenceGuard, skip_if_not_finite
 from vlmo_ds.train.engine import build_engine, compute_dtype, set_lr
 from vlmo_ds.train.freeze import apply_trainable
 from vlmo_ds.train.metrics import MetricsLogger
@@ -248,6 +249,7 @@ class StageRunner:
         cfg, stage = self.ctx.cfg, self.stage
         batches = iter(self.loader)
         self.scalars, self.final = StepScalars(self.ctx.device), None
+        self.guard = DivergenceGuard(cfg.train.max_bad_steps, self.ctx.run_dir, self.ctx.device, self.ctx.env.rank)
         poll = StopPoll(self.ctx.signals, self.ctx.started, cfg.train.deadline_minutes, self.ctx.stop_group)
         sample_log = open(self.ctx.run_dir / f"samples_rank{self.ctx.env.rank}.jsonl", "a") \
             if cfg.train.record_samples else None
@@ -264,7 +266,7 @@ class StageRunner:
                 evaluate = cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last
                 if save or evaluate:  # lines first: a run killed after the checkpoint has written them all
                     self._write_lines()
-                if save:
+                if save and self.guard.may_save(self.engine, at):
                     trainer = {"step": at, "stage": stage.name, "stage_step": step + 1,
                                "layout": self.ctx.where.layout.as_dict(), "model": asdict(self.model_cfg),
                                "trainable": self._trainable, "recipe": self.recipe,
@@ -285,10 +287,13 @@ class StageRunner:
 
     def _write_lines(self) -> None:
         """The metric lines of the steps kept since the last ones: one all-reduce and one read for all of them
-        (collective: every rank calls it at the same steps); self.final becomes the last step's losses."""
+        (collective: every rank calls it at the same steps); self.final becomes the last finite step's losses. Stops
+        the run when they end train.max_bad_steps non-finite steps in a row (vlmo_ds.train.divergence)."""
         for line in self.scalars.flush():
             self.metrics.log(line.step, line.scalars(), self.stage.name, wall=line.time)
-            self.final = line.losses
+            if self.guard.count(line):
+                self.final = line.losses
+        self.guard.stop_if_diverged()
 
     def _step(self, step: int, batches) -> list[str]:
         """One optimizer step (stage step `step`, 0-based): returns the sample keys. Its losses and gradient norm
@@ -314,6 +319,7 @@ class StageRunner:
             engine.backward(out["loss"])
             if micro_step == accumulation - 1:
                 grad_norm = grad_norm_before_step(engine, where.mp_group, where.tp_rank)
+                skip_if_not_finite(engine, grad_norm)
             engine.step()
             for name, value in out.items():
                 accumulated[name] = accumulated.get(name, 0) + value.detach() / accumulation
@@ -321,6 +327,7 @@ class StageRunner:
             accumulated = layout.pipeline_step(engine, self.stage, micro_batches, seeds, where,
                                                self.ctx.cfg.parallel.itc_local_rows)
             grad_norm = grad_norm_before_step(engine, where.mp_group, where.tp_rank)
+            skip_if_not_finite(engine, grad_norm)
             engine.step()
         grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
         host = {"opt/lr": self.lr(step), **{f"data/skipped_{k}": float(v) for k, v in self.loader.skipped.items()}}
