@@ -17,7 +17,10 @@ never runs again. For one job per stage, give each job its stage; a job whose st
 SIGUSR1 (Slurm's warning before a time limit: sbatch --signal) or SIGTERM on any rank, or train.deadline_minutes,
 makes every rank stop after the same step with a checkpoint; the exit status is then 75 (EX_TEMPFAIL) and the same
 command continues. In jobs started by slurm/ (VLMO_REQUEUE=1) rank 0 requeues the job after SIGUSR1 or the deadline.
-Exit status: 0 done, 2 bad recipe, 75 stopped early with a checkpoint.
+A rank that makes no progress for train.collective_timeout_minutes (stopped, stuck) ends the job the same way (75,
+requeued): every other rank exits with a line naming it. One job per run folder: a second one exits with 73.
+Exit status: 0 done, 2 bad recipe, 73 run folder in use by another job, 75 stopped early (resume with the same
+command).
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from vlmo_ds.ckpt.errors import CheckpointError
 from vlmo_ds.data.errors import DataSourceError
 from vlmo_ds.parallel.layout_rules import LayoutError
 from vlmo_ds.train.preemption import EXIT_STOPPED, StopSignals, requeue_slurm_job
+from vlmo_ds.train.run_lock import EXIT_BUSY, RunFolderBusy, hold_run_folder
+from vlmo_ds.train.watchdog import BACKSTOP_MINUTES, Watchdog
 from vlmo_ds.train.schedule import plan_run
 
 
@@ -70,10 +75,17 @@ def _run(argv: list[str] | None, signals: StopSignals) -> int:
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
     configure_cuda(cfg.parallel.tensor, fp32=cfg.precision == "fp32")  # before CUDA starts (init_distributed)
-    init_distributed(env)
+    init_distributed(env, timeout_minutes=cfg.train.collective_timeout_minutes + BACKSTOP_MINUTES)
     try:
         try:
-            result = train(cfg, env, signals)
+            with hold_run_folder(cfg.run_dir, env.rank) as lock, \
+                    Watchdog(cfg.run_dir, env.rank, env.world_size, cfg.train.collective_timeout_minutes,
+                             before_exit=lock.release if lock else None) as progress:
+                result = train(cfg, env, signals, progress)
+        except RunFolderBusy as err:  # another job trains in this run folder: every rank knows, rank 0 says
+            if env.rank == 0:
+                print(f"vlmo_ds.train: {err}", file=sys.stderr)
+            return EXIT_BUSY
         except (LayoutError, CheckpointError, DataSourceError) as err:  # found once processes exist: a checkpoint
             # of another layout or model, pipeline stages without CUDA, a data source of only bad samples
             print(f"vlmo_ds.train: {err}", file=sys.stderr)
