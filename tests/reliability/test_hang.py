@@ -1,10 +1,12 @@
 """Bounded hangs: train.collective_timeout_minutes is checked; a rank with no progress is named (a silent one first)
 and its process ends with status 75; end to end, a 2-rank gloo run whose rank 1 is SIGSTOPped mid-training ends on
-rank 0 within the timeout + 60 s with one line naming rank 1."""
+rank 0 within the timeout + 60 s with one line naming rank 1; under a real Slurm cluster, a SIGSTOPped rank 0 makes
+rank 1 requeue the job, which resumes and finishes."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,10 +14,13 @@ import time
 
 import pytest
 
-from train_cli import ENV, recipe_args, train_command
+from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
+from test_slurm import CPU_JOB, SLURM, job_env
+from train_cli import ENV, losses, recipe_args, train_command
 from vlmo_ds.config import ConfigError, load_config
 from vlmo_ds.parallel.env_readers import free_port
 from vlmo_ds.train.preemption import EXIT_STOPPED
+from vlmo_ds.train.run_lock import LOCK_FILE
 from vlmo_ds.train.watchdog import HEARTBEAT_DIR, hang_line, read_heartbeat
 
 
@@ -93,3 +98,31 @@ def test_a_stopped_rank_ends_the_job_within_the_timeout(run_data, tmp_path):
     assert said[0].startswith("vlmo_ds.train: rank 1 (host ") and "(stopped or gone)" in said[0], said[0]
     assert "rank 0 waited" in said[0] and took < TIMEOUT_MINUTES * 60 + 60
     assert json.loads((run_dir / HEARTBEAT_DIR / "rank_0.json").read_text())["watched"]
+
+
+@pytest.mark.slow
+def test_under_slurm_a_stopped_rank_0_requeues_and_the_job_finishes(slurm_cluster, run_data, tmp_path):  # noqa: F811
+    cluster, run_dir, log = slurm_cluster, tmp_path / "run", tmp_path / "job.log"
+    steps = 100
+    args = recipe_args(run_data, run_dir, steps, 4, "train.global_batch=8", "train.ckpt_every=20",
+                       "train.record_samples=false", f"train.collective_timeout_minutes={TIMEOUT_MINUTES}")
+    job = cluster.sbatch(*CPU_JOB, "--ntasks-per-node=2", f"--output={log}", str(SLURM / "pretrain.sbatch"), *args,
+                         env=job_env(cluster))
+    deadline = time.monotonic() + 240
+    while True:  # rank 0, which holds the run folder's lock, is inside the stage's steps
+        found = read_heartbeat(run_dir / HEARTBEAT_DIR, 0)
+        if found and found["watched"] and found["step"] >= 3:
+            break
+        running = cluster.job(job).get("JobState") in ("PENDING", "RUNNING")
+        assert running and time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else cluster.job(job)
+        time.sleep(0.1)
+    os.kill(found["pid"], signal.SIGSTOP)
+    info = cluster.wait(job)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-4000:]
+    named = re.findall(r"vlmo_ds\.train: rank (\d) \(host \S+, pid (\d+)\) made no progress.*\(stopped or gone\)", text)
+    assert named and set(named) == {("0", str(found["pid"]))}, text[-4000:]  # rank 0 too, once Slurm continued it
+    assert text.count(f"requeued Slurm job {job}") == 1 and "refused to requeue" not in text
+    assert f"vlmo_ds: job {job} restart 1 " in text  # the run-folder lock let the requeued job in
+    assert sorted(losses(run_dir)) == list(range(1, steps + 1))
+    assert not (run_dir / LOCK_FILE).exists()

@@ -56,15 +56,20 @@ def test_a_live_lock_refuses_with_one_line_naming_the_holder(tmp_path):
     assert not (tmp_path / "run" / LOCK_FILE).exists()
 
 
+HERE = socket.gethostname()
+
+
 @pytest.mark.parametrize("planted, mine, taken", [
-    (holder(age=301), me(), True),  # heartbeat older than STALE_MINUTES: a dead job
-    (holder(age=200), me(), False),
-    (holder(job="100"), me(job="100"), True),  # the same Slurm job, requeued
-    (holder(job=None), me(job=None), False),
-    (holder(host=socket.gethostname(), pid=ended_pid()), me(host=socket.gethostname()), True),  # gone from here
-    (holder(host=socket.gethostname(), pid=os.getppid()), me(host=socket.gethostname()), False),  # alive here
+    ({"age": 301}, {}, True),  # heartbeat older than STALE_MINUTES: a dead job
+    ({"age": 200}, {}, False),
+    ({"job": "100"}, {"job": "100"}, True),  # the same Slurm job, requeued
+    ({"job": None}, {"job": None}, False),
+    ({"host": HERE, "pid": "ended"}, {"host": HERE}, True),  # its process is gone from this host
+    ({"host": HERE, "pid": os.getppid()}, {"host": HERE}, False),  # alive on this host
 ])
 def test_takeover_only_of_a_dead_or_own_job(tmp_path, planted, mine, taken):
+    planted = holder(**{**planted, "pid": ended_pid()} if planted.get("pid") == "ended" else planted)
+    mine = me(**mine)
     plant(tmp_path, planted)
     lock = RunLock(tmp_path, mine)
     if taken:

@@ -9,7 +9,11 @@ collective is needed to find a hang: a rank that waits in a collective for a stu
 when its own progress is older than the timeout it reads every rank's heartbeat file, names the stuck one (a rank
 whose heartbeat stopped: its process is stopped or gone; else the rank whose progress is oldest), and ends the
 process (os._exit: the main thread is blocked) with EXIT_STOPPED; under slurm/ (VLMO_REQUEUE=1) the lowest-numbered
-responsive rank first requeues the job, which then resumes from the last checkpoint.
+responsive rank first requeues the job (the others give it REQUEUE_GRACE_SECONDS), which then resumes from the last
+checkpoint and takes its own run-folder lock back (vlmo_ds.train.run_lock).
+
+The heartbeat shows a rank's step and phase as of its last beat: a rank stopped between two beats is named with the
+phase it was in up to one interval earlier.
 
 Start-up and evaluations are not watched (Progress.pause): they take their own time; torch.distributed's timeout,
 BACKSTOP_MINUTES later than the watchdog's, still bounds them.
@@ -32,6 +36,10 @@ HEARTBEAT_DIR = "heartbeats"
 BACKSTOP_MINUTES = 1.0
 """torch.distributed's collective timeout is train.collective_timeout_minutes plus this, so that the watchdog, which
 names the stuck rank, ends a hang first, and collectives still time out where the watchdog does not look."""
+
+REQUEUE_GRACE_SECONDS = 10.0
+"""Under slurm/, the ranks that do not requeue wait this long before exiting, so that the requeuing rank's
+`scontrol requeue` is done before srun --kill-on-bad-exit ends the step at the first exit."""
 
 
 class Progress:
@@ -78,14 +86,19 @@ class Watchdog:
         self._stop.set()
 
     def _watch(self) -> None:
+        woke = time.monotonic()
         while not self._stop.wait(self.interval):
-            try:
-                self._beat()
-            except OSError:  # a file-system hiccup: the next beat tries again
-                pass
+            # a thread that slept far past its interval belonged to a stopped process (SIGSTOP, then SIGCONT from
+            # Slurm's kill): this rank is the stuck one, whatever its peers did since
+            frozen, woke = time.monotonic() - woke > 3 * self.interval, time.monotonic()
+            if not frozen:
+                try:
+                    self._beat()
+                except OSError:  # a file-system hiccup: the next beat tries again
+                    pass
             progress = self.progress
             if progress.watched and time.time() - progress.since > self.timeout and not self._stop.is_set():
-                self._end()
+                self._end(frozen)
 
     def _beat(self) -> None:
         p = self.progress
@@ -95,12 +108,14 @@ class Watchdog:
         temporary.write_text(json.dumps(state))
         os.replace(temporary, self.folder / f"rank_{self.rank}.json")
 
-    def _end(self) -> None:
+    def _end(self, frozen: bool) -> None:
         peers = {rank: read_heartbeat(self.folder, rank) for rank in range(self.world_size)}
-        silent = {rank for rank, beat in peers.items() if rank != self.rank and self._silent(beat)}
+        silent = {rank for rank, beat in peers.items() if (rank != self.rank or frozen) and self._silent(beat)}
         print(f"vlmo_ds.train: {hang_line(peers, self.rank, silent, self.timeout)}", file=sys.stderr, flush=True)
-        if self.rank == min(set(peers) - silent):
+        if self.rank == min(set(peers) - silent, default=None):
             requeue_slurm_job()
+        elif os.environ.get("VLMO_REQUEUE", "").strip() == "1":
+            time.sleep(REQUEUE_GRACE_SECONDS)  # srun --kill-on-bad-exit would end the step before the requeue
         if self.before_exit is not None:
             self.before_exit()
         os._exit(EXIT_STOPPED)
