@@ -161,7 +161,8 @@ def heartbeat_age(holder: dict) -> float:
 
 def describe(holder: dict) -> str:
     job = f"Slurm job {holder['job']}" if holder.get("job") else "a job outside Slurm"
-    return f"{job} (host {holder.get('host')}, pid {holder.get('pid')}, last heartbeat {heartbeat_age(holder):.0f} s ago)"
+    return (f"{job} (host {holder.get('host')}, pid {holder.get('pid')}, last heartbeat "
+            f"{heartbeat_age(holder):.0f} s ago)")
 
 
 def busy_line(path: Path, holder: dict, stale_seconds: float) -> str:
