@@ -131,6 +131,10 @@ class TrainSection:
     """"auto" = the run folder's latest checkpoint if any, "none" = start afresh, or a checkpoint path."""
     deadline_minutes: float | None = None
     """Stop with a checkpoint this many minutes after start (for time-limited jobs); null = no limit."""
+    collective_timeout_minutes: float = 30.0
+    """A rank that makes no progress in a step or checkpoint for this long ends the job: every other rank exits with
+    one line naming it, status 75 (requeued under slurm/); collectives time out a minute later (vlmo_ds.train.watchdog).
+    Fractions are allowed (0.5 = 30 s)."""
     record_samples: bool = False
     """Write the sample keys of every step to RUN_DIR/samples_rank<r>.jsonl (audits the data order across resumes)."""
     only_stage: str | None = None

@@ -123,6 +123,7 @@ def _check_train(cfg: RunConfig) -> None:
         _positive(getattr(tr, name), f"train.{name}")
     _positive(tr.num_workers, "train.num_workers", allow_zero=True)
     _positive(tr.deadline_minutes, "train.deadline_minutes")
+    _positive(tr.collective_timeout_minutes, "train.collective_timeout_minutes")
     if tr.resume not in RESUME_WORDS and not Path(tr.resume).exists():
         raise MissingFileError(f"train.resume: checkpoint {tr.resume} does not exist; give an existing checkpoint, "
                                "'auto' (latest in the run folder, if any) or 'none'")

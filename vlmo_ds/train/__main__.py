@@ -19,7 +19,10 @@ makes every rank stop after the same step with a checkpoint; the exit status is 
 command continues. In jobs started by slurm/ (VLMO_REQUEUE=1) rank 0 requeues the job after SIGUSR1 or the deadline.
 A run whose loss or gradient norm is not finite for train.max_bad_steps steps in a row stops with one line naming its
 newest finite checkpoint (vlmo_ds.train.divergence).
-Exit status: 0 done, 2 bad recipe, 65 diverged, 75 stopped early with a checkpoint.
+A rank that makes no progress for train.collective_timeout_minutes (stopped, stuck) ends the job the same way (75,
+requeued): every other rank exits with a line naming it. One job per run folder: a second one exits with 73.
+Exit status: 0 done, 2 bad recipe, 65 diverged (lower the learning rate), 73 run folder in use by another job,
+75 stopped early (resume with the same command).
 """
 from __future__ import annotations
 
@@ -29,15 +32,17 @@ import sys
 
 import torch.distributed as dist
 
+from vlmo_ds.ckpt.errors import CheckpointError
 from vlmo_ds.config import ConfigError, check_files, load_config
+from vlmo_ds.data.errors import DataSourceError
 from vlmo_ds.parallel.device import configure_cuda
 from vlmo_ds.parallel.launch import discover, init_distributed
-from vlmo_ds.ckpt.errors import CheckpointError
-from vlmo_ds.data.errors import DataSourceError
 from vlmo_ds.parallel.layout_rules import LayoutError
 from vlmo_ds.train.divergence import EXIT_DIVERGED, DivergedError
 from vlmo_ds.train.preemption import EXIT_STOPPED, StopSignals, requeue_slurm_job
+from vlmo_ds.train.run_lock import EXIT_BUSY, RunFolderBusy, hold_run_folder
 from vlmo_ds.train.schedule import plan_run
+from vlmo_ds.train.watchdog import BACKSTOP_MINUTES, Watchdog
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,10 +78,17 @@ def _run(argv: list[str] | None, signals: StopSignals) -> int:
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
     configure_cuda(cfg.parallel.tensor, fp32=cfg.precision == "fp32")  # before CUDA starts (init_distributed)
-    init_distributed(env)
+    init_distributed(env, timeout_minutes=cfg.train.collective_timeout_minutes + BACKSTOP_MINUTES)
     try:
         try:
-            result = train(cfg, env, signals)
+            with hold_run_folder(cfg.run_dir, env.rank) as lock, \
+                    Watchdog(cfg.run_dir, env.rank, env.world_size, cfg.train.collective_timeout_minutes,
+                             before_exit=lock.release if lock else None) as progress:
+                result = train(cfg, env, signals, progress)
+        except RunFolderBusy as err:  # another job trains in this run folder: every rank knows, rank 0 says
+            if env.rank == 0:
+                print(f"vlmo_ds.train: {err}", file=sys.stderr)
+            return EXIT_BUSY
         except (LayoutError, CheckpointError, DataSourceError) as err:  # found once processes exist: a checkpoint
             # of another layout or model, pipeline stages without CUDA, a data source of only bad samples
             print(f"vlmo_ds.train: {err}", file=sys.stderr)

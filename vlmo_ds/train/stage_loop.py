@@ -16,7 +16,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from vlmo_ds.train.scalars import StepScalars
 from vlmo_ds.train.stages import build_loader, loss_function, samples_and_tokens, step_flops
 from vlmo_ds.train.step import grad_norm_before_step, to_device
 from vlmo_ds.train.text_eval import evaluate_text_mlm, held_out_batches
+from vlmo_ds.train.watchdog import Progress
 from vlmo_ds.train.transition import copy_text_to_vl, load_start_weights
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class RunContext:
     """The stop signals this process records (None: only train.deadline_minutes stops a run early)."""
     peak: float | None = None
     """Peak FLOP/s of the device for MFU (measured once, by the first stage)."""
+    progress: Progress = field(default_factory=Progress)
+    """This rank's step and phase, read by the hang watchdog (vlmo_ds.train.watchdog)."""
 
     @property
     def run_dir(self) -> Path:
@@ -232,6 +235,7 @@ class StageRunner:
                            resume_step=self.offset + self.start, stage=stage.name) as metrics:
             self.metrics = metrics
             done, final, stopped = self._loop()
+            ctx.progress.pause("evaluation")
             finished = done == stage.steps
             retrieval = text_mlm = task = None
             if finished:
@@ -267,6 +271,7 @@ class StageRunner:
                 if save or evaluate:  # lines first: a run killed after the checkpoint has written them all
                     self._write_lines()
                 if save and self.guard.may_save(self.engine, at):
+                    self.ctx.progress.mark(at, "checkpoint")
                     trainer = {"step": at, "stage": stage.name, "stage_step": step + 1,
                                "layout": self.ctx.where.layout.as_dict(), "model": asdict(self.model_cfg),
                                "trainable": self._trainable, "recipe": self.recipe,
@@ -275,6 +280,7 @@ class StageRunner:
                                     self.ctx.env.rank, cfg.train.keep_last)
                     self.metrics.reset_timer()
                 if evaluate:
+                    self.ctx.progress.pause("evaluation")
                     self._retrieval(at)
                 if stop is not None:
                     log.warning("%s: every rank stopped after step %d with a checkpoint; the same command "
@@ -298,7 +304,7 @@ class StageRunner:
     def _step(self, step: int, batches) -> list[str]:
         """One optimizer step (stage step `step`, 0-based): returns the sample keys. Its losses and gradient norm
         stay on the device (self.scalars) until the log interval's step."""
-        engine, accumulation, where = self.engine, self.plan.accumulation, self.ctx.where
+        engine, accumulation, where, progress = self.engine, self.plan.accumulation, self.ctx.where, self.ctx.progress
         at = self.offset + step + 1
         set_lr(engine, self.lr(step))
         accumulated: dict[str, torch.Tensor] = {}
@@ -306,6 +312,7 @@ class StageRunner:
         grad_norm = None
         micro_batches, seeds = [], []
         for micro_step in range(accumulation):
+            progress.mark(at, "data")
             with self.metrics.data_wait():
                 raw = next(batches)
             keys += raw["key"]
@@ -315,8 +322,11 @@ class StageRunner:
                 micro_batches.append(batch)
                 seeds.append(seed)
                 continue
+            progress.mark(at, "forward")
             out = engine(self.loss_fn, batch, seed, where.dp_group)
+            progress.mark(at, "backward")
             engine.backward(out["loss"])
+            progress.mark(at, "step")
             if micro_step == accumulation - 1:
                 grad_norm = grad_norm_before_step(engine, where.mp_group, where.tp_rank)
                 skip_if_not_finite(engine, grad_norm)
@@ -324,8 +334,10 @@ class StageRunner:
             for name, value in out.items():
                 accumulated[name] = accumulated.get(name, 0) + value.detach() / accumulation
         if where.pipelined:  # the replica's mean over the micro-batches (0-dim tensors, or floats)
+            progress.mark(at, "forward")  # the schedule's forward and backward passes
             accumulated = layout.pipeline_step(engine, self.stage, micro_batches, seeds, where,
                                                self.ctx.cfg.parallel.itc_local_rows)
+            progress.mark(at, "step")
             grad_norm = grad_norm_before_step(engine, where.mp_group, where.tp_rank)
             skip_if_not_finite(engine, grad_norm)
             engine.step()

@@ -19,6 +19,7 @@ from vlmo_ds.train import checkpoint, layout
 from vlmo_ds.train.preemption import Stop, StopSignals, agree_to_stop
 from vlmo_ds.train.schedule import clear_stale, plan_run, start_weights
 from vlmo_ds.train.stage_loop import RunContext, StageOutcome, StageRunner, step_offset
+from vlmo_ds.train.watchdog import Progress
 from vlmo_ds.parallel.device import device_of
 
 log = logging.getLogger(__name__)
@@ -44,15 +45,18 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def train(cfg: RunConfig, env: DistEnv, signals: StopSignals | None = None) -> RunResult:
+def train(cfg: RunConfig, env: DistEnv, signals: StopSignals | None = None,
+          progress: Progress | None = None) -> RunResult:
     """Run the recipe's unfinished stages (or train.only_stage) in order; stop early, with a checkpoint, at
-    train.deadline_minutes or when any rank has received one of `signals` (None: the deadline only)."""
+    train.deadline_minutes or when any rank has received one of `signals` (None: the deadline only). `progress`:
+    where the steps report their step and phase (a Watchdog's)."""
     run = plan_run(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
     # One layout for every stage of the run (stages differ in image size and text length, not in the heads, depth
     # and vocabulary the layout rules read): megatron-core's parallel state is built once per process.
     where = layout.place(cfg, env, model_config(cfg, tokenizer.vocab_size, stage=0))
-    ctx = RunContext(cfg, env, device_of(env), tokenizer, where=where, started=time.monotonic(), signals=signals)
+    ctx = RunContext(cfg, env, device_of(env), tokenizer, where=where, started=time.monotonic(), signals=signals,
+                     progress=progress or Progress())
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     if env.rank == 0:
         checkpoint.remove_partial(ctx.run_dir)
