@@ -34,6 +34,7 @@ import torch.distributed as dist
 from vlmo_ds.ckpt.safe_read import load_torch
 from vlmo_ds.ckpt.weights_only_engine import weights_only_loads
 from vlmo_ds.parallel.layout_rules import LayoutError
+from vlmo_ds.train.ckpt_space import check_space, write_errors
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +82,19 @@ def save(engine, run_dir: str | Path, step: int, trainer: dict[str, Any], per_ra
     root = root_of(run_dir)
     name = f"step_{step:08d}"
     tmp = root / f"{name}.tmp"
+    previous = find_resume(run_dir, "auto")
+    check_space(engine, root, previous, rank)  # a checkpoint that does not fit stops every rank with one line
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
-    torch.save({"loader": json.dumps(per_rank["loader"]), "rng": rng_state()}, tmp / f"rank_{rank}.pt")
+    with write_errors(engine, root, previous):
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
+        torch.save({"loader": json.dumps(per_rank["loader"]), "rng": rng_state()}, tmp / f"rank_{rank}.pt")
     _barrier()
     final = root / name
     if rank == 0:
-        (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=1))
+        with write_errors(engine, root, previous):
+            (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=1))
         if final.exists():  # the same step saved again (a resumed run that re-reached it): replace
             shutil.rmtree(final)
         os.replace(tmp, final)
