@@ -6,6 +6,7 @@ Modules, one job each:
     errors         CheckpointError: the one-line user-facing error every tool raises
     safe_write     OutDir: atomic writes that never leave the output folder
     safe_read      weights-only torch loads (DeepSpeed's files included) and safetensors reads, with clear errors
+    weights_only_engine   DeepSpeed's own reads of a resumed checkpoint made weights-only
     layout         a checkpoint's layout (TP x PP x DP, ZeRO stage) and model config; preset checks
     ds_files       DeepSpeed's files of one model-parallel rank -> whole fp32 weights and Adam state by name
     consolidated   one whole model with its Adam state; the consolidated folder format, read and written

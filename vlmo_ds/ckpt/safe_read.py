@@ -4,6 +4,7 @@ torch files load with weights_only=True only. DeepSpeed's ZeRO optimizer files h
 tensors (its loss scaler, the ZeRO stage enum and the fragment address of each parameter slice); weights-only
 loading maps exactly those names onto inert stand-ins here (`Fields`: their attributes, nothing callable; the stage
 enum becomes its int), so no DeepSpeed class is ever built from a file and any other object is still refused.
+DeepSpeed's own resume loads take its real classes instead (`allowed`, vlmo_ds.ckpt.weights_only_engine).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class _FragmentAddress(Fields):
     pass
 
 
-_DEEPSPEED_NAMES = [(_LossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+STAND_INS = [(_LossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
                     (int, "deepspeed.runtime.zero.config.ZeroStageEnum"),
                     (_FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address")]
 _BROKEN = (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError)
@@ -55,21 +56,21 @@ def broken(path: Path, err: BaseException) -> CheckpointError:
                            "older checkpoint")
 
 
-def load_torch(path: str | Path, mmap: bool = False) -> Any:
-    """torch.load(weights_only=True) on the CPU, DeepSpeed's three stand-ins allowed. mmap: map the tensors
-    instead of reading them (cheap when only shapes are wanted)."""
+def load_torch(path: str | Path, mmap: bool = False, allowed: list = STAND_INS, map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True), with the objects `allowed` names (default: DeepSpeed's three as stand-ins).
+    mmap: map the tensors instead of reading them (cheap when only shapes are wanted)."""
     path = Path(path)
     if not path.is_file():
         raise _missing(path)
     try:
-        with safe_globals(_DEEPSPEED_NAMES):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err) and "GLOBAL" in str(err):
+        if "Weights only load failed" in str(err):
             found = re.search(r"GLOBAL (\S+)", str(err))
-            name = found.group(1) if found else "an unknown object"
-            raise CheckpointError(f"refusing to unpickle {path}: it holds {name}, which is not a tensor; only "
-                                  "weights-only files load here (convert it to safetensors where you trust it)"
+            what = f"it holds {found.group(1)}, which is not a tensor" if found else "it needs more than tensors"
+            raise CheckpointError(f"refusing to unpickle {path}: {what}; only weights-only files load here (use "
+                                  "another checkpoint, or convert this one to safetensors where you trust it)"
                                   ) from None
         raise broken(path, err) from None
     except _BROKEN as err:

@@ -35,7 +35,7 @@ from vlmo_ds.data.formats.vqa2 import VOCAB_FILE
 from vlmo_ds.data.tokenizer import load_tokenizer
 from vlmo_ds.eval.export import DTYPES, export_embeddings
 from vlmo_ds.eval.tables import task_table
-from vlmo_ds.eval.weights import eval_model
+from vlmo_ds.eval.weights import eval_model, weights_file
 from vlmo_ds.parallel.device import device_of
 from vlmo_ds.parallel.launch import discover, init_distributed
 from vlmo_ds.tasks.answers import load_answer_vocab
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        args.weights = str(weights_file(args.weights))
         metrics = run(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"vlmo_ds.eval: {err}", file=sys.stderr)

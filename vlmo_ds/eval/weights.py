@@ -5,6 +5,7 @@ The task decides what the weights must hold: VQA and NLVR2 need their fine-tuned
 untrained head would be noise, so its absence is an error), retrieval and the embedding export need only the
 encoders (ITM re-ranking uses the pre-training ITM head, always present). The image size may differ from the one the
 weights were trained at: the position tables are fitted as when fine-tuning starts (vlmo_ds.tasks.start).
+A stage's folder stands for the weights.safetensors in it.
 """
 from __future__ import annotations
 
@@ -12,14 +13,32 @@ import logging
 import os
 from pathlib import Path
 
+from vlmo_ds.ckpt.errors import CheckpointError
 from vlmo_ds.model.config import ModelConfig, preset
 from vlmo_ds.model.published import read_state_dict
 from vlmo_ds.model.vlmo import VLMo
 from vlmo_ds.tasks.heads import HEADS, head_answers
 from vlmo_ds.tasks.start import TYPE_KEY, build_task_model, load_task_weights, task_model_config
-from vlmo_ds.train.stage_record import weights_config
+from vlmo_ds.train.checkpoint import TRAINER_FILE
+from vlmo_ds.train.stage_record import STAGES_DIR, WEIGHTS_FILE, weights_config
 
 log = logging.getLogger(__name__)
+
+
+def weights_file(weights: str | os.PathLike) -> Path:
+    """The file `weights` names: itself, or the weights.safetensors of a stage's folder (RUN_DIR/stages/NAME)."""
+    path = Path(weights)
+    if not path.is_dir():
+        return path
+    if (path / WEIGHTS_FILE).is_file():
+        return path / WEIGHTS_FILE
+    if (path / TRAINER_FILE).is_file():
+        hint = f"it is a training checkpoint: consolidate it first (python tools/ckpt.py consolidate {path} OUT)"
+    elif (path / STAGES_DIR).is_dir():
+        hint = f"it is a run folder: give one of {', '.join(str(p) for p in sorted((path / STAGES_DIR).iterdir()))}"
+    else:
+        hint = "give a stage's folder (RUN_DIR/stages/NAME) or a weights file"
+    raise CheckpointError(f"{path} is a folder without {WEIGHTS_FILE}; {hint}")
 
 
 def eval_model(weights: str | os.PathLike, task: str, image_size: int | None = None,

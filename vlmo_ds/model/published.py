@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
+from vlmo_ds.ckpt.safe_read import load_torch, read_safetensors
 from vlmo_ds.model import relative_position as rp
 from vlmo_ds.model.vlmo import VLMo
 
@@ -38,14 +38,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling refused or a corrupt file: say which and what to do
-            raise ValueError(f"cannot read {path} as a weights-only torch checkpoint ({err}); "
-                             "convert it to safetensors from a trusted environment") from err
+    # truncated, corrupt or holding more than tensors: a one-line CheckpointError (a ValueError) naming the file
+    state = read_safetensors(path)[0] if path.suffix == ".safetensors" else load_torch(path)
     return state_tensors(state, path)
 
 

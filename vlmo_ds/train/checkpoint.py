@@ -13,8 +13,8 @@ ZeRO 3 writes zero_pp_rank_d_mp_rank_XX_model_states.pt and ..._optim_states.pt 
 in the layout it was saved in only (check_layout); tools/ckpt.py reshard converts it to another.
 A save writes everything under the .tmp name, waits for every rank, then rank 0 renames the folder and only then
 rewrites `latest`. A crash at any point leaves the previous checkpoint as the newest complete one.
-Per-rank state (loader position, RNG states) is a torch file of plain tensors and strings, read with
-weights_only=True.
+Per-rank state (loader position, RNG states) is a torch file of plain tensors and strings. Every file of a resume is
+read weights-only, DeepSpeed's included (vlmo_ds.ckpt.weights_only_engine): a file that needs more is refused.
 """
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vlmo_ds.ckpt.safe_read import load_torch
+from vlmo_ds.ckpt.weights_only_engine import weights_only_loads
 from vlmo_ds.parallel.layout_rules import LayoutError
+from vlmo_ds.train.ckpt_space import check_space, write_errors
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +82,19 @@ def save(engine, run_dir: str | Path, step: int, trainer: dict[str, Any], per_ra
     root = root_of(run_dir)
     name = f"step_{step:08d}"
     tmp = root / f"{name}.tmp"
+    previous = find_resume(run_dir, "auto")
+    check_space(engine, root, previous, rank)  # a checkpoint that does not fit stops every rank with one line
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
-    torch.save({"loader": json.dumps(per_rank["loader"]), "rng": rng_state()}, tmp / f"rank_{rank}.pt")
+    with write_errors(engine, root, previous):
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state={}, save_latest=False)
+        torch.save({"loader": json.dumps(per_rank["loader"]), "rng": rng_state()}, tmp / f"rank_{rank}.pt")
     _barrier()
     final = root / name
     if rank == 0:
-        (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=1))
+        with write_errors(engine, root, previous):
+            (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=1))
         if final.exists():  # the same step saved again (a resumed run that re-reached it): replace
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -180,6 +187,7 @@ def check_layout(path: Path, layout: dict[str, int]) -> None:
 
 def load(engine, path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore DeepSpeed's state (weights, optimizer, ZeRO partitions) and return (trainer, this rank's state)."""
+    weights_only_loads(engine)
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if load_path is None:
@@ -189,6 +197,6 @@ def load(engine, path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]
     if not rank_file.is_file():
         raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written by fewer ranks; resume with the "
                                 "same number of data-parallel ranks (or start the loaders afresh with resume=none)")
-    state = torch.load(rank_file, weights_only=True)
+    state = load_torch(rank_file)
     set_rng_state(state["rng"])
     return trainer, {"loader": json.loads(state["loader"])}

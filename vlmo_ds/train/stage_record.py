@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vlmo_ds.ckpt.safe_read import safetensors_metadata
 from vlmo_ds.model.config import ModelConfig
 
 STAGES_DIR = "stages"
@@ -151,8 +151,7 @@ def weights_config(path: str | Path) -> ModelConfig | None:
     path = Path(path)
     if path.suffix != ".safetensors":
         return None
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    metadata = safetensors_metadata(path)
     if metadata.get("format") != WEIGHTS_FORMAT:
         return None
     known = {f.name for f in dataclasses.fields(ModelConfig)}
