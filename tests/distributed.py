@@ -53,3 +53,13 @@ def image_text_engine_step(engine, batch: dict, rank: int, world: int, seed: int
     engine.backward(out["loss"])
     engine.step()
     return global_mean(out["loss"])
+
+
+def close_in_norm(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5, atol: float = 1e-6) -> bool:
+    """||a - b|| <= rel ||b|| + atol sqrt(n): torch.allclose's rule on the tensor as a whole (its root-mean-square
+    difference) rather than per element; how the layouts' weights are compared with one process after AdamW steps.
+    An element whose gradient is near eps (1e-8) moves by up to lr times the relative rounding difference of that
+    tiny gradient (another layout sums partial products, stages or ranks in another order, and the CPU's GEMM kernels
+    block another batch size differently), so single elements may differ by ~1e-4 of the tensor's largest value
+    while the tensor as a whole agrees to ~1e-6; atol covers tensors that start at zero (biases)."""
+    return ((a - b).norm() <= rel * b.norm() + atol * b.numel() ** 0.5).item()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import run_ranks
+from distributed import close_in_norm, run_ranks
 from vlmo_ds.model.config import preset
 from vlmo_ds.model.layers import Layers
 from vlmo_ds.model.vlmo import VLMo
@@ -241,12 +241,6 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
     """Largest difference relative to the tensor's largest magnitude."""
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() < rel
 
-
-def close_in_norm(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
-    """||a - b|| / ||b||: after AdamW, an element whose gradient is near eps moves by up to lr times the relative
-    rounding difference of that gradient (stages sum in another order), so single elements may differ while the
-    tensor agrees to ~1e-6."""
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item() < rel
 
 
 def consolidate(ranks: list[dict], part, cfg, tp: int) -> dict:
