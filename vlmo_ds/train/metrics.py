@@ -1,4 +1,5 @@
-"""Training metrics of a vlmo_ds run: TensorBoard scalars, a metrics.jsonl file, throughput and a progress bar.
+"""Training metrics of a vlmo_ds run: TensorBoard scalars, a metrics.jsonl file, throughput, one log line per log
+interval (vlmo_ds.train.log_line) and a progress bar on a terminal.
 
 Every run folder gets
     tb/            TensorBoard event files (``tensorboard --logdir RUN/tb``)
@@ -19,6 +20,7 @@ TensorBoard.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -28,7 +30,10 @@ from typing import IO, Any
 
 import torch
 
+from vlmo_ds.train.log_line import log_line
 from vlmo_ds.train.progress import ProgressBar, ThroughputMeter
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -78,9 +83,10 @@ class MetricsLogger(AbstractContextManager):
             raise ValueError(f"resume_step={resume_step} must be >= 0 (optimizer steps done before this run)")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.enabled, self.log_interval, self.stage = enabled, log_interval, stage
+        self.enabled, self.log_interval, self.stage, self.total_steps = enabled, log_interval, stage, total_steps
         self.wall_clock = wall_clock
         self.last_perf: dict[str, float] = {}
+        self._last_step_values: dict[str, float] = {}  # the last logged step's train/* and opt/* for the log line
         self.meter = ThroughputMeter(samples_per_step, tokens_per_step, flops_per_step, peak_flops,
                                      torch.device(device), clock)
         self._bar = ProgressBar(total_steps, resume_step, enabled and progress)
@@ -126,6 +132,9 @@ class MetricsLogger(AbstractContextManager):
         record = {"step": step, "time": wall, "stage": self.stage}
         record.update({name: _json_value(value) for name, value in values.items()})
         self._write_line(record)
+        step_values = {k: v for k, v in values.items() if k.startswith(("train/", "opt/"))}
+        if step_values:
+            self._last_step_values = step_values
         loss = values.get("train/loss", next((v for k, v in values.items() if k.endswith("loss")), None))
         self._bar.update(step, loss=loss)
 
@@ -166,6 +175,7 @@ class MetricsLogger(AbstractContextManager):
         perf = self.meter.close_window()
         self.last_perf = perf
         self.log(step, perf)
+        log.info("%s", log_line(step, self.total_steps, self.stage, self._last_step_values, perf))
         self._bar.update(step, samples_per_s=perf.get("perf/samples_per_s"))
         return perf
 
