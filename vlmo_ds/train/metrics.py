@@ -32,6 +32,7 @@ import torch
 
 from vlmo_ds.train.log_line import log_line
 from vlmo_ds.train.progress import ProgressBar, ThroughputMeter
+from vlmo_ds.train.wandb_log import WandbRun
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,16 @@ class MetricsLogger(AbstractContextManager):
     ``flops_per_step``, ``samples_per_step`` and ``tokens_per_step`` describe one optimizer step, ``peak_flops`` the
     hardware (FLOP/s: the datasheet peak on GPUs, a measured GEMM rate on CPU; None leaves MFU out); use one scope for
     all of them (vlmo_ds passes whole-job values). ``log_interval``: perf/* scalars are logged every that many steps.
-    ``clock`` and ``wall_clock`` are injectable for tests (seconds; monotonic and Unix time).
+    ``clock`` and ``wall_clock`` are injectable for tests (seconds; monotonic and Unix time). ``wandb``: a Weights &
+    Biases project that gets every scalar too (vlmo_ds.train.wandb_log), with ``run_config`` as the W&B run's config.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, flops_per_step: float,
                  peak_flops: float | None, samples_per_step: float, tokens_per_step: float, *,
                  log_interval: int = 10, resume_step: int = 0, stage: str = "", progress: bool = True,
                  device: torch.device | str | None = None, clock: Callable[[], float] = time.perf_counter,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, wandb: str | None = None,
+                 run_config: Mapping[str, Any] | None = None) -> None:
         if log_interval < 1:
             raise ValueError(f"log_interval={log_interval} must be >= 1 (steps between perf/* scalars)")
         if resume_step < 0:
@@ -92,6 +95,7 @@ class MetricsLogger(AbstractContextManager):
         self._bar = ProgressBar(total_steps, resume_step, enabled and progress)
         self._file: IO[str] | None = None
         self._tb = None
+        self._wandb: WandbRun | None = None
         self._last_step = resume_step
         if not enabled:
             return
@@ -105,6 +109,8 @@ class MetricsLogger(AbstractContextManager):
         self._file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
         if resume_step:
             self._write_line({"step": resume_step, "time": self.wall_clock(), "event": "resume"})
+        if wandb:
+            self._wandb = WandbRun(wandb, run_dir, run_config or {})
 
     def _write_line(self, record: Mapping[str, Any]) -> None:
         assert self._file is not None
@@ -132,6 +138,8 @@ class MetricsLogger(AbstractContextManager):
         record = {"step": step, "time": wall, "stage": self.stage}
         record.update({name: _json_value(value) for name, value in values.items()})
         self._write_line(record)
+        if self._wandb is not None:
+            self._wandb.log(step, values)
         step_values = {k: v for k, v in values.items() if k.startswith(("train/", "opt/"))}
         if step_values:
             self._last_step_values = step_values
@@ -195,6 +203,9 @@ class MetricsLogger(AbstractContextManager):
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
