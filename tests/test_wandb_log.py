@@ -8,9 +8,13 @@ import pytest
 
 from test_metrics import FakeClock, make_logger, run_steps
 from train_cli import recipe_args
+from vlmo_ds.config import load_config, to_dict
 from vlmo_ds.train.__main__ import main
 from vlmo_ds.train.metrics import read_metrics
 from vlmo_ds.train.wandb_log import ID_FILE
+
+
+RECIPE = load_config("tiny_image_text")
 
 
 class FakeWandb:
@@ -30,7 +34,7 @@ def two_stages(run_dir):
     """Two stages, each with its own metrics logger, as the trainer runs them."""
     clock = FakeClock()
     for stage, steps in (("a", range(1, 5)), ("b", range(5, 7))):
-        logger, wall = make_logger(run_dir, clock, wandb="vlmo-test", run_config={"seed": 3})
+        logger, wall = make_logger(run_dir, clock, wandb="vlmo-test", run_config=RECIPE)
         with logger:
             run_steps(logger, clock, wall, steps, stage=stage)
 
@@ -42,7 +46,7 @@ def test_every_scalar_reaches_one_wandb_run(monkeypatch, tmp_path):
     run_id = (tmp_path / "run" / ID_FILE).read_text().strip()
     assert [r["init"]["id"] for r in fake.runs] == [run_id, run_id]
     assert all(r["init"]["project"] == "vlmo-test" and r["init"]["resume"] == "allow" and r["finished"]
-               and r["init"]["config"] == {"seed": 3} for r in fake.runs)
+               and r["init"]["config"] == to_dict(RECIPE) for r in fake.runs)
     logged = [(step, name, value) for r in fake.runs for step, values in r["lines"] for name, value in values.items()]
     jsonl = [(r["step"], name, value) for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
              for name, value in r.items() if name not in ("step", "time", "stage", "event")]

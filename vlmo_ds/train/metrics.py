@@ -30,6 +30,7 @@ from typing import IO, Any
 
 import torch
 
+from vlmo_ds.config import RunConfig
 from vlmo_ds.train.log_line import log_line
 from vlmo_ds.train.progress import ProgressBar, ThroughputMeter
 from vlmo_ds.train.wandb_log import WandbRun
@@ -71,7 +72,7 @@ class MetricsLogger(AbstractContextManager):
     hardware (FLOP/s: the datasheet peak on GPUs, a measured GEMM rate on CPU; None leaves MFU out); use one scope for
     all of them (vlmo_ds passes whole-job values). ``log_interval``: perf/* scalars are logged every that many steps.
     ``clock`` and ``wall_clock`` are injectable for tests (seconds; monotonic and Unix time). ``wandb``: a Weights &
-    Biases project that gets every scalar too (vlmo_ds.train.wandb_log), with ``run_config`` as the W&B run's config.
+    Biases project that gets every scalar too (vlmo_ds.train.wandb_log), with ``run_config`` (the recipe) as the W&B run's config.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, flops_per_step: float,
@@ -79,7 +80,7 @@ class MetricsLogger(AbstractContextManager):
                  log_interval: int = 10, resume_step: int = 0, stage: str = "", progress: bool = True,
                  device: torch.device | str | None = None, clock: Callable[[], float] = time.perf_counter,
                  wall_clock: Callable[[], float] = time.time, wandb: str | None = None,
-                 run_config: Mapping[str, Any] | None = None) -> None:
+                 run_config: RunConfig | None = None) -> None:
         if log_interval < 1:
             raise ValueError(f"log_interval={log_interval} must be >= 1 (steps between perf/* scalars)")
         if resume_step < 0:
@@ -110,7 +111,7 @@ class MetricsLogger(AbstractContextManager):
         if resume_step:
             self._write_line({"step": resume_step, "time": self.wall_clock(), "event": "resume"})
         if wandb:
-            self._wandb = WandbRun(wandb, run_dir, run_config or {})
+            self._wandb = WandbRun(wandb, run_dir, run_config)
 
     def _write_line(self, record: Mapping[str, Any]) -> None:
         assert self._file is not None

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmo_ds.config import TASK_KINDS, RunConfig, deepspeed_config, model_config, stage_plan, to_dict
+from vlmo_ds.config import TASK_KINDS, RunConfig, deepspeed_config, model_config, stage_plan
 from vlmo_ds.config.plan import resume_changes
 from vlmo_ds.data.formats.vqa2 import VOCAB_FILE
 from vlmo_ds.data.replica import replica_loader
@@ -233,7 +233,7 @@ class StageRunner:
                            flops_per_step=flops, peak_flops=ctx.peak,
                            samples_per_step=samples, tokens_per_step=tokens, log_interval=ctx.cfg.train.log_every,
                            resume_step=self.offset + self.start, stage=stage.name, wandb=ctx.cfg.log.wandb,
-                           run_config=to_dict(ctx.cfg)) as metrics:
+                           run_config=ctx.cfg) as metrics:
             self.metrics = metrics
             done, final, stopped = self._loop()
             ctx.progress.pause("evaluation")

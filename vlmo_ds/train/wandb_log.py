@@ -12,7 +12,8 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+
+from vlmo_ds.config import RunConfig, to_dict
 
 ID_FILE = "wandb_id"
 
@@ -20,7 +21,7 @@ ID_FILE = "wandb_id"
 class WandbRun:
     """The run folder's W&B run, open until close(). Only rank 0 makes one."""
 
-    def __init__(self, project: str, run_dir: str | Path, config: Mapping[str, Any]) -> None:
+    def __init__(self, project: str, run_dir: str | Path, recipe: RunConfig | None) -> None:
         import wandb  # optional: config.check_files refuses log.wandb with one line when it is not installed
 
         run_dir = Path(run_dir)
@@ -28,7 +29,8 @@ class WandbRun:
         if not id_file.exists():
             id_file.write_text(secrets.token_hex(6) + "\n")
         self._run = wandb.init(project=project, dir=str(run_dir), id=id_file.read_text().strip(), resume="allow",
-                               name=run_dir.resolve().name, config=dict(config))
+                               name=run_dir.resolve().name,
+                               config=None if recipe is None else to_dict(recipe))
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         self._run.log(dict(values), step=step)
