@@ -22,6 +22,7 @@ from vlmo_ds.config.schema import (
     TRAINABLE_GROUPS,
     DataSource,
     EvalSection,
+    LogSection,
     ModelSection,
     OptimSection,
     ParallelSection,
@@ -31,7 +32,7 @@ from vlmo_ds.config.schema import (
 )
 
 __all__ = [
-    "ConfigError", "DataSource", "EvalSection", "MissingFileError", "ModelSection", "OptimSection",
+    "ConfigError", "DataSource", "EvalSection", "LogSection", "MissingFileError", "ModelSection", "OptimSection",
     "ParallelSection", "RunConfig", "STAGE1_TRAINABLE", "STAGE2_TRAINABLE", "STAGE_KINDS", "StageConfig", "StagePlan",
     "TASK_KINDS", "TRAINABLE_GROUPS", "TrainSection", "accumulation", "check_files", "deepspeed_config",
     "find_recipe", "find_stage", "load_config", "main_errors", "model_config", "shipped_recipes", "stage_plan",

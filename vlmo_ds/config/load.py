@@ -9,6 +9,7 @@ checked here, before any model, data or process group is built; files that the q
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -90,7 +91,8 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def check_files(cfg: RunConfig) -> None:
-    """Raise MissingFileError (a ConfigError) naming the key of the first missing tokenizer or shard source.
+    """Raise MissingFileError (a ConfigError) naming the key of the first missing tokenizer or shard source; a
+    ConfigError when log.wandb is set and wandb is not installed.
 
     The trainer calls it after the quick start has made its data; remote shard URLs are not checked.
     """
@@ -110,6 +112,9 @@ def check_files(cfg: RunConfig) -> None:
             resolve_shards(shards)
     _check_start_files(cfg)
     _check_answer_tables(cfg)
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"log.wandb={cfg.log.wandb}: the wandb package is not installed; pip install wandb "
+                          "(or leave log.wandb out)")
 
 
 def _check_start_files(cfg: RunConfig) -> None:

@@ -120,7 +120,7 @@ class TrainSection:
     open_shards: int = 4
     """Shards each loader reads at once (samples are mixed across them)."""
     log_every: int = 10
-    """Steps between metric lines (metrics.jsonl, TensorBoard, progress)."""
+    """Steps between metric lines (metrics.jsonl, TensorBoard, the training log's line: vlmo_ds.train.log_line)."""
     ckpt_every: int = 200
     """Steps between checkpoints (each stage also ends with one)."""
     keep_last: int = 3
@@ -159,6 +159,15 @@ class EvalSection:
     """Held-out text shards: MLM accuracy (beside the unigram baseline) at the end of each text_mlm stage."""
     rerank_k: int = 0
     """Retrieval evaluations also re-rank each query's k best candidates with the ITM head (0: off)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogSection:
+    """Where training metrics go besides metrics.jsonl, TensorBoard and the log lines."""
+
+    wandb: str | None = None
+    """Weights & Biases project to log to (needs `pip install wandb`; WANDB_MODE=offline keeps it on disk);
+    null = no W&B."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,5 +271,7 @@ class RunConfig:
     """Batching, loading, logging, checkpoints."""
     eval: EvalSection = field(default_factory=EvalSection)
     """Evaluation during training."""
+    log: LogSection = field(default_factory=LogSection)
+    """Optional metric sinks (Weights & Biases)."""
     stages: tuple[StageConfig, ...]
     """Pre-training stages, run in order (at least one)."""

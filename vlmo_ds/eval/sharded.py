@@ -125,6 +125,7 @@ def iter_samples(entries: Sequence[Located]) -> Iterator[dict[str, Any]]:
 
 
 def progress(total: int, desc: str, rank: int) -> tqdm:
-    """A progress bar on rank 0 only (rare updates when stderr is not a terminal)."""
-    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, disable=rank != 0, leave=False,
-                mininterval=0.5 if sys.stderr.isatty() else 60.0)
+    """A progress bar on rank 0 only, when stderr is a terminal (in a log file a bar is one line joined by carriage
+    returns)."""
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, disable=rank != 0 or not sys.stderr.isatty(),
+                leave=False, mininterval=0.5)

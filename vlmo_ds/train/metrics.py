@@ -1,4 +1,5 @@
-"""Training metrics of a vlmo_ds run: TensorBoard scalars, a metrics.jsonl file, throughput and a progress bar.
+"""Training metrics of a vlmo_ds run: TensorBoard scalars, a metrics.jsonl file, throughput, one log line per log
+interval (vlmo_ds.train.log_line) and a progress bar on a terminal.
 
 Every run folder gets
     tb/            TensorBoard event files (``tensorboard --logdir RUN/tb``)
@@ -19,6 +20,7 @@ TensorBoard.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -28,7 +30,12 @@ from typing import IO, Any
 
 import torch
 
+from vlmo_ds.config import RunConfig
+from vlmo_ds.train.log_line import log_line
 from vlmo_ds.train.progress import ProgressBar, ThroughputMeter
+from vlmo_ds.train.wandb_log import WandbRun
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -64,28 +71,32 @@ class MetricsLogger(AbstractContextManager):
     ``flops_per_step``, ``samples_per_step`` and ``tokens_per_step`` describe one optimizer step, ``peak_flops`` the
     hardware (FLOP/s: the datasheet peak on GPUs, a measured GEMM rate on CPU; None leaves MFU out); use one scope for
     all of them (vlmo_ds passes whole-job values). ``log_interval``: perf/* scalars are logged every that many steps.
-    ``clock`` and ``wall_clock`` are injectable for tests (seconds; monotonic and Unix time).
+    ``clock`` and ``wall_clock`` are injectable for tests (seconds; monotonic and Unix time). ``wandb``: a Weights &
+    Biases project that gets every scalar too (vlmo_ds.train.wandb_log), with ``run_config`` (the recipe) as the W&B run's config.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, flops_per_step: float,
                  peak_flops: float | None, samples_per_step: float, tokens_per_step: float, *,
                  log_interval: int = 10, resume_step: int = 0, stage: str = "", progress: bool = True,
                  device: torch.device | str | None = None, clock: Callable[[], float] = time.perf_counter,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, wandb: str | None = None,
+                 run_config: RunConfig | None = None) -> None:
         if log_interval < 1:
             raise ValueError(f"log_interval={log_interval} must be >= 1 (steps between perf/* scalars)")
         if resume_step < 0:
             raise ValueError(f"resume_step={resume_step} must be >= 0 (optimizer steps done before this run)")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.enabled, self.log_interval, self.stage = enabled, log_interval, stage
+        self.enabled, self.log_interval, self.stage, self.total_steps = enabled, log_interval, stage, total_steps
         self.wall_clock = wall_clock
         self.last_perf: dict[str, float] = {}
+        self._last_step_values: dict[str, float] = {}  # the last logged step's train/* and opt/* for the log line
         self.meter = ThroughputMeter(samples_per_step, tokens_per_step, flops_per_step, peak_flops,
                                      torch.device(device), clock)
         self._bar = ProgressBar(total_steps, resume_step, enabled and progress)
         self._file: IO[str] | None = None
         self._tb = None
+        self._wandb: WandbRun | None = None
         self._last_step = resume_step
         if not enabled:
             return
@@ -99,6 +110,8 @@ class MetricsLogger(AbstractContextManager):
         self._file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
         if resume_step:
             self._write_line({"step": resume_step, "time": self.wall_clock(), "event": "resume"})
+        if wandb:
+            self._wandb = WandbRun(wandb, run_dir, run_config)
 
     def _write_line(self, record: Mapping[str, Any]) -> None:
         assert self._file is not None
@@ -126,6 +139,11 @@ class MetricsLogger(AbstractContextManager):
         record = {"step": step, "time": wall, "stage": self.stage}
         record.update({name: _json_value(value) for name, value in values.items()})
         self._write_line(record)
+        if self._wandb is not None:
+            self._wandb.log(step, values)
+        step_values = {k: v for k, v in values.items() if k.startswith(("train/", "opt/"))}
+        if step_values:
+            self._last_step_values = step_values
         loss = values.get("train/loss", next((v for k, v in values.items() if k.endswith("loss")), None))
         self._bar.update(step, loss=loss)
 
@@ -166,6 +184,7 @@ class MetricsLogger(AbstractContextManager):
         perf = self.meter.close_window()
         self.last_perf = perf
         self.log(step, perf)
+        log.info("%s", log_line(step, self.total_steps, self.stage, self._last_step_values, perf))
         self._bar.update(step, samples_per_s=perf.get("perf/samples_per_s"))
         return perf
 
@@ -185,6 +204,9 @@ class MetricsLogger(AbstractContextManager):
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()

@@ -117,15 +117,15 @@ class ThroughputMeter:
 
 
 class ProgressBar:
-    """tqdm bar on stderr: step/total, the last loss and samples/s. Inert when not enabled (ranks other than 0)."""
+    """tqdm bar on stderr: step/total, the last loss and samples/s. Inert when not enabled (ranks other than 0) and
+    when stderr is not a terminal: in a log file (Slurm, nohup) a bar is one line joined by carriage returns, and the
+    log lines (vlmo_ds.train.log_line) say more."""
 
     def __init__(self, total_steps: int, initial: int, enabled: bool) -> None:
         self._bar = None
-        if enabled:
-            # In a log file (Slurm, nohup) every refresh is a new line: refresh rarely there.
-            interactive = sys.stderr.isatty()
+        if enabled and sys.stderr.isatty():
             self._bar = tqdm(total=total_steps, initial=initial, file=sys.stderr, dynamic_ncols=True,
-                             mininterval=0.5 if interactive else 60.0, unit="step")
+                             mininterval=0.5, unit="step")
         self._postfix: dict[str, str] = {}
 
     def update(self, step: int, loss: float | None = None, samples_per_s: float | None = None) -> None:

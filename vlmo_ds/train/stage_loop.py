@@ -232,7 +232,8 @@ class StageRunner:
         with MetricsLogger(ctx.run_dir, enabled=ctx.env.rank == 0, total_steps=self.offset + stage.steps,
                            flops_per_step=flops, peak_flops=ctx.peak,
                            samples_per_step=samples, tokens_per_step=tokens, log_interval=ctx.cfg.train.log_every,
-                           resume_step=self.offset + self.start, stage=stage.name) as metrics:
+                           resume_step=self.offset + self.start, stage=stage.name, wandb=ctx.cfg.log.wandb,
+                           run_config=ctx.cfg) as metrics:
             self.metrics = metrics
             done, final, stopped = self._loop()
             ctx.progress.pause("evaluation")
