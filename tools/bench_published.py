@@ -31,7 +31,7 @@ says how it is run: a gloo group of one process, a timm stand-in, get_device on 
     python tools/bench_published.py --published /opt/unilm/vlmo --site /opt/vlmo-site --profile 15   # where time goes
 
 Both run in one process whose freed memory is kept for reuse, as torch's CUDA caching allocator keeps it on GPUs
-(vlmo_ds.plan.host_allocator: glibc otherwise faults every tensor above 32 MiB in afresh, 1-3 GiB per base step
+(vlmo_ds.plan.host_allocator: glibc otherwise faults every tensor above 32 MiB in afresh, 1-4 GiB per base step
 here, which penalises batched passes on CPUs only); --system-malloc keeps glibc's defaults.
 
 Defaults: preset base, fp32, 2 threads, batch 4, 3 repetitions (about 4 minutes for base on 2 cores; --profile adds 1).

@@ -107,6 +107,7 @@ class SampleStream:
         self.rng = rng
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped: dict[str, int] = {}
+        self._failing = SkipTally()  # the skips since the last good item (named by the error if too many)
         self._slots: list[_Slot | None] = [None] * open_shards
         self._saved: list[dict[str, int] | None] = [None] * open_shards  # slots to reopen lazily on first use
         if state is not None:
@@ -146,7 +147,7 @@ class SampleStream:
     def next_item(self) -> dict[str, Any]:
         """The next finished item; bad samples and broken shards are counted in ``skipped`` and passed over;
         DataSourceError after more than ``max_consecutive_skips`` of them in a row."""
-        failures, run = 0, SkipTally()
+        failures, run = 0, self._failing
         while True:
             if failures > self.max_consecutive_skips:
                 raise no_usable_sample(source_label(self.urls), run, f"{failures} samples and shards in a row")
@@ -173,6 +174,8 @@ class SampleStream:
                 self._drop(k, None, "")
                 failures += 1
                 continue
+            if run.counts:  # a good item ends the run of failures
+                self._failing = SkipTally()
             return self.pipeline.finish(item, self.rng)
 
     def _drop(self, k: int, kind: str | None, detail: str, run: SkipTally | None = None) -> None:

@@ -3,7 +3,7 @@
 glibc's malloc hands every allocation above its mmap threshold (32 MiB at most) back to the operating system when it
 is freed and maps fresh pages, zeroed by the kernel, for the next one. A batched step makes many such tensors (base,
 batch 4: the fused pass's [16, 237, 3072] activations, the [16, 12, 237, 237] attention scores, the [30522, 768]
-vocabulary gradients), so on a 2-core CPU here 1-3 GiB of pages are faulted in per step: 1-5 s of kernel CPU time
+vocabulary gradients), so on a 2-core CPU here 1-4 GiB of pages are faulted in per step: 1-5 s of kernel CPU time
 per ~11 s step, varying with the machine's load. On a GPU the caching allocator never returns memory mid-run, so
 that cost does not exist on the path the planner and the benches speak for. Inside `freed_memory_kept()` glibc keeps
 freed memory in the process for reuse (the resident size stays at its high-water mark, as on a GPU); on leaving,
